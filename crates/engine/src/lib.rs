@@ -1,0 +1,14 @@
+//! MPT inference engine: loads MosaicML MPT checkpoints, runs the ALiBi forward pass over a paged
+//! KV cache, and (on its own thread) batches many requests continuously.
+//!
+//! The server talks to the engine only through [`types`] and the engine handle; nothing here
+//! knows about HTTP.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod types;
+
+pub use config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource, MptConfig};
+pub use error::{EngineError, Result};
+pub use types::*;

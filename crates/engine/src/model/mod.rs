@@ -1,0 +1,5 @@
+//! The MPT model: checkpoint loading, ALiBi, the paged attention kernel and the forward pass.
+
+pub mod batch;
+
+pub use batch::{LogitsWanted, ModelBatch, SeqChunk};
