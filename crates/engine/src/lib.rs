@@ -7,8 +7,10 @@
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod tokenizer;
 pub mod types;
 
 pub use config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource, MptConfig};
 pub use error::{EngineError, Result};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use types::*;
