@@ -1,0 +1,94 @@
+# syntax=docker/dockerfile:1
+#
+# mpt-server container images.
+#
+#   CPU (works today):       docker build --target cpu  -t mpt-server:cpu .
+#   NVIDIA GPU (not yet):    docker build --target cuda -t mpt-server:cuda .
+#
+# The cuda target is for when the `cuda` cargo feature lands (a later issue): today
+# `--features cuda` does not exist and that target fails to build. Both runtime images hold the
+# mpt-server binary only, run as a non-root user, listen on 8000 and read models from /models:
+#
+#   docker run --rm -p 8000:8000 mpt-server:cpu                      # bundled demo model
+#   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" mpt-server:cpu --model /models/mpt-7b
+#
+# Build steps match README: `cargo build --release --locked -p mpt-server` (plus
+# `--features cuda` for the GPU image). The dependency layer is rebuilt only when a Cargo.toml,
+# Cargo.lock or rust-toolchain.toml changes.
+
+ARG RUST_VERSION=1.95.0
+ARG CUDA_VERSION=12.8.1
+ARG CUDA_UBUNTU=ubuntu24.04
+
+# ---- skeleton: the workspace manifests with empty sources, to build dependencies alone --------
+FROM debian:bookworm-slim AS skeleton
+WORKDIR /src
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY crates/engine/Cargo.toml crates/engine/
+COPY crates/server/Cargo.toml crates/server/
+# An empty lib and main per package (the root too, when it is a package) so cargo can resolve
+# and compile every dependency without our code.
+RUN for dir in . crates/engine crates/server; do \
+        if grep -q '^\[package\]' "$dir/Cargo.toml"; then \
+            mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
+        fi; \
+    done
+
+# ---- CPU build ---------------------------------------------------------------------------------
+FROM rust:${RUST_VERSION}-slim-bookworm AS build-cpu
+ARG RUST_VERSION
+# Use the image's toolchain (the same version rust-toolchain.toml pins) without fetching the
+# rustfmt/clippy components that file asks for.
+ENV RUSTUP_TOOLCHAIN=${RUST_VERSION}
+WORKDIR /src
+COPY --from=skeleton /src ./
+RUN cargo build --release --locked -p mpt-server
+COPY . .
+# Our sources must look newer than the skeleton's empty files, or cargo keeps the empty build.
+RUN find crates -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked -p mpt-server \
+    && install -D -m 0755 target/release/mpt-server /out/mpt-server
+
+# ---- CPU runtime: glibc + libgcc only, uid 65532 -----------------------------------------------
+FROM gcr.io/distroless/cc-debian12:nonroot AS cpu
+COPY --from=build-cpu /out/mpt-server /usr/local/bin/mpt-server
+USER 65532:65532
+EXPOSE 8000
+VOLUME ["/models"]
+ENTRYPOINT ["mpt-server"]
+
+# ---- CUDA build (for when the `cuda` feature lands) --------------------------------------------
+FROM nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_UBUNTU} AS build-cuda
+ARG RUST_VERSION
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl gcc libc6-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH \
+    RUSTUP_TOOLCHAIN=${RUST_VERSION}
+RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+    | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
+# candle's CUDA kernels are compiled for this compute capability (8.0 = A100, 9.0 = H100).
+ARG CUDA_COMPUTE_CAP=80
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+WORKDIR /src
+COPY --from=skeleton /src ./
+RUN cargo build --release --locked -p mpt-server --features cuda
+COPY . .
+RUN find crates -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked -p mpt-server --features cuda \
+    && install -D -m 0755 target/release/mpt-server /out/mpt-server
+
+# ---- CUDA runtime: CUDA user-space libraries + the binary, uid 65532 ---------------------------
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-${CUDA_UBUNTU} AS cuda
+RUN groupadd --system --gid 65532 nonroot \
+    && useradd --system --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin nonroot
+COPY --from=build-cuda /out/mpt-server /usr/local/bin/mpt-server
+USER 65532:65532
+EXPOSE 8000
+VOLUME ["/models"]
+ENTRYPOINT ["mpt-server"]
+
+# The last stage is the default target: plain `docker build .` gives the CPU image.
+FROM cpu
