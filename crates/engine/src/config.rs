@@ -166,7 +166,10 @@ impl MptConfig {
             "must be positive",
         )?;
         check(
-            matches!(self.norm_type.as_str(), "low_precision_layernorm" | "layernorm"),
+            matches!(
+                self.norm_type.as_str(),
+                "low_precision_layernorm" | "layernorm"
+            ),
             "norm_type",
             "only layernorm / low_precision_layernorm are supported",
         )?;
@@ -213,7 +216,10 @@ impl MptConfig {
             "must be positive",
         )?;
         if let Some(ffn) = &self.ffn_config {
-            let kind = ffn.get("ffn_type").and_then(|t| t.as_str()).unwrap_or("mptmlp");
+            let kind = ffn
+                .get("ffn_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("mptmlp");
             check(
                 kind == "mptmlp",
                 "ffn_config.ffn_type",
@@ -362,7 +368,10 @@ mod tests {
     #[test]
     fn parses_real_mpt_7b_config() {
         let c = MptConfig::from_json(MPT_7B).expect("mpt-7b config parses");
-        assert_eq!((c.d_model, c.n_heads, c.n_layers, c.vocab_size), (4096, 32, 32, 50432));
+        assert_eq!(
+            (c.d_model, c.n_heads, c.n_layers, c.vocab_size),
+            (4096, 32, 32, 50432)
+        );
         assert_eq!(c.head_dim(), 128);
         assert_eq!(c.ffn_hidden_size(), 16384);
         assert!(c.no_bias && c.attn_config.alibi);
@@ -383,15 +392,31 @@ mod tests {
     #[test]
     fn unsupported_options_name_the_field() {
         let cases = [
-            (vec!["attn_config", "prefix_lm"], serde_json::json!(true), "attn_config.prefix_lm"),
+            (
+                vec!["attn_config", "prefix_lm"],
+                serde_json::json!(true),
+                "attn_config.prefix_lm",
+            ),
             (
                 vec!["attn_config", "attn_uses_sequence_id"],
                 serde_json::json!(true),
                 "attn_config.attn_uses_sequence_id",
             ),
-            (vec!["attn_config", "alibi"], serde_json::json!(false), "attn_config.alibi"),
-            (vec!["attn_config", "rope"], serde_json::json!(true), "attn_config.rope"),
-            (vec!["logit_scale"], serde_json::json!("bogus"), "logit_scale"),
+            (
+                vec!["attn_config", "alibi"],
+                serde_json::json!(false),
+                "attn_config.alibi",
+            ),
+            (
+                vec!["attn_config", "rope"],
+                serde_json::json!(true),
+                "attn_config.rope",
+            ),
+            (
+                vec!["logit_scale"],
+                serde_json::json!("bogus"),
+                "logit_scale",
+            ),
             (vec!["n_heads"], serde_json::json!(7), "n_heads"),
         ];
         for (path, value, field) in cases {
@@ -405,10 +430,14 @@ mod tests {
 
     #[test]
     fn logit_scale_forms() {
-        let named = MptConfig::from_json(&with(&["logit_scale"], serde_json::json!("inv_sqrt_d_model")))
-            .expect("valid");
+        let named = MptConfig::from_json(&with(
+            &["logit_scale"],
+            serde_json::json!("inv_sqrt_d_model"),
+        ))
+        .expect("valid");
         assert!((named.logit_scale_value().expect("ok").expect("set") - 1.0 / 64.0).abs() < 1e-12);
-        let number = MptConfig::from_json(&with(&["logit_scale"], serde_json::json!(0.5))).expect("valid");
+        let number =
+            MptConfig::from_json(&with(&["logit_scale"], serde_json::json!(0.5))).expect("valid");
         assert_eq!(number.logit_scale_value().expect("ok"), Some(0.5));
     }
 }

@@ -60,6 +60,9 @@ impl ModelBatch {
 
     /// Total logits rows the forward pass returns.
     pub fn num_logits_rows(&self) -> usize {
-        self.seqs.iter().map(|s| s.logits.rows(s.tokens.len())).sum()
+        self.seqs
+            .iter()
+            .map(|s| s.logits.rows(s.tokens.len()))
+            .sum()
     }
 }

@@ -1,5 +1,10 @@
 //! The MPT model: checkpoint loading, ALiBi, the paged attention kernel and the forward pass.
 
+pub mod alibi;
+mod attention;
 pub mod batch;
+pub mod loader;
+pub mod mpt;
 
 pub use batch::{LogitsWanted, ModelBatch, SeqChunk};
+pub use mpt::Mpt;

@@ -1,0 +1,349 @@
+//! The MPT decoder (mosaicml llm-foundry `MPTForCausalLM`; HF `transformers` `MptForCausalLM` is
+//! the reference we test against). Per block: `x + attn(norm_1(x))`, then
+//! `x + down(gelu_erf(up(norm_2(x))))`; fused `Wqkv` (q, k, v in that order), optional clamp
+//! (`clip_qkv`) and full-width q/k LayerNorms (`qk_ln`); ALiBi instead of positions; logits are
+//! `norm_f(h) · wteᵀ`, times `logit_scale` when set.
+//!
+//! The KV cache is passed in from outside and paged: `forward` takes a mixed batch (prefill
+//! chunks and decode tokens of many sequences) and only computes logits for rows that need them.
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::{Linear, Module};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::alibi::alibi_slopes;
+use super::attention::{TokenSlot, paged_attention, write_kv};
+use super::batch::ModelBatch;
+use super::loader::WeightFiles;
+use crate::config::{ModelSource, MptConfig};
+use crate::demo;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::kv_cache::cache::KvStorage;
+
+/// LayerNorm with weight and bias; checkpoints without biases get a zero bias so candle's fused
+/// kernel is used.
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// One decoder block's weights.
+#[derive(Debug, Clone)]
+struct Block {
+    norm_1: Norm,
+    wqkv: Linear,
+    qk_ln: Option<(Norm, Norm)>,
+    out_proj: Linear,
+    norm_2: Norm,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A loaded MPT model on one device.
+#[derive(Debug)]
+pub struct Mpt {
+    config: MptConfig,
+    wte: Tensor,
+    blocks: Vec<Block>,
+    norm_f: Norm,
+    slopes: Vec<f32>,
+    softmax_scale: f32,
+    logit_scale: Option<f64>,
+    device: Device,
+    dtype: DType,
+}
+
+/// Reads tensors by their mosaicml names, counting progress.
+struct TensorReader<'a> {
+    weights: &'a WeightFiles,
+    config: &'a MptConfig,
+    device: &'a Device,
+    dtype: DType,
+    progress: ProgressBar,
+}
+
+impl TensorReader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.get(name, shape, self.dtype, self.device)?;
+        self.progress.inc(1);
+        Ok(t)
+    }
+
+    fn bias(&self, name: &str, width: usize) -> Result<Option<Tensor>> {
+        if self.config.no_bias {
+            return Ok(None);
+        }
+        self.tensor(name, &[width]).map(Some)
+    }
+
+    fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = self.bias(&format!("{prefix}.bias"), out_dim)?;
+        Ok(Linear::new(weight, bias))
+    }
+
+    fn norm(&self, prefix: &str) -> Result<Norm> {
+        let d = self.config.d_model;
+        let weight = self.tensor(&format!("{prefix}.weight"), &[d])?;
+        let bias = match self.bias(&format!("{prefix}.bias"), d)? {
+            Some(b) => b,
+            None => Tensor::zeros(d, self.dtype, self.device)?,
+        };
+        Ok(Norm {
+            weight,
+            bias,
+            eps: self.config.layer_norm_epsilon as f32,
+        })
+    }
+}
+
+impl Mpt {
+    /// Loads the model from a checkpoint directory or the bundled demo model.
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let (config, weights) = match source {
+            ModelSource::Dir(dir) => (MptConfig::from_dir(dir)?, WeightFiles::open(dir)?),
+            ModelSource::Demo => (
+                MptConfig::from_json(demo::CONFIG_JSON)?,
+                WeightFiles::embedded(demo::WEIGHTS, "<bundled demo model>")?,
+            ),
+        };
+        Self::from_weights(config, &weights, device, dtype)
+    }
+
+    /// Builds the model from opened weight files, checking every tensor's shape.
+    pub fn from_weights(
+        config: MptConfig,
+        weights: &WeightFiles,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (d, ffn) = (config.d_model, config.ffn_hidden_size());
+        let progress = ProgressBar::new(weights.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "loading weights {bar:40} {pos}/{len} tensors [{elapsed}]",
+            )
+            .map_err(|e| EngineError::Tokenizer(format!("progress bar template: {e}")))?,
+        );
+        let reader = TensorReader {
+            weights,
+            config: &config,
+            device,
+            dtype,
+            progress,
+        };
+        let wte = reader.tensor("transformer.wte.weight", &[config.vocab_size, d])?;
+        let mut blocks = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let p = format!("transformer.blocks.{i}");
+            let norm_1 = reader.norm(&format!("{p}.norm_1"))?;
+            let wqkv = reader.linear(&format!("{p}.attn.Wqkv"), 3 * d, d)?;
+            let qk_ln = if config.attn_config.qk_ln {
+                Some((
+                    reader.norm(&format!("{p}.attn.q_ln"))?,
+                    reader.norm(&format!("{p}.attn.k_ln"))?,
+                ))
+            } else {
+                None
+            };
+            blocks.push(Block {
+                norm_1,
+                wqkv,
+                qk_ln,
+                out_proj: reader.linear(&format!("{p}.attn.out_proj"), d, d)?,
+                norm_2: reader.norm(&format!("{p}.norm_2"))?,
+                up_proj: reader.linear(&format!("{p}.ffn.up_proj"), ffn, d)?,
+                down_proj: reader.linear(&format!("{p}.ffn.down_proj"), d, ffn)?,
+            });
+        }
+        let norm_f = reader.norm("transformer.norm_f")?;
+        reader.progress.finish_and_clear();
+        Ok(Self {
+            slopes: alibi_slopes(config.n_heads, config.attn_config.alibi_bias_max),
+            softmax_scale: config.softmax_scale() as f32,
+            logit_scale: config.logit_scale_value()?,
+            config,
+            wte,
+            blocks,
+            norm_f,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The checkpoint's configuration.
+    pub fn config(&self) -> &MptConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs one mixed batch. Writes the new tokens' K/V into `cache` through each sequence's
+    /// block table and returns f32 logits of shape `(batch.num_logits_rows(), vocab_size)`, rows
+    /// in batch order.
+    pub fn forward(&self, batch: &ModelBatch, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_batch(batch, cache)?;
+        let d = self.config.d_model;
+        let mut ids = Vec::with_capacity(batch.num_tokens());
+        let mut slots = Vec::with_capacity(batch.num_tokens());
+        let mut logit_rows = Vec::with_capacity(batch.num_logits_rows());
+        for seq in &batch.seqs {
+            let first_row = ids.len();
+            for (i, &token) in seq.tokens.iter().enumerate() {
+                ids.push(token);
+                slots.push(TokenSlot {
+                    block_table: &seq.block_table,
+                    pos: seq.start_pos + i,
+                });
+            }
+            let rows = seq.logits.rows(seq.tokens.len());
+            logit_rows.extend((ids.len() - rows..ids.len()).map(|r| r as u32));
+            debug_assert!(ids.len() - rows >= first_row);
+        }
+        let n = ids.len();
+        let mut x = self.wte.index_select(&Tensor::new(ids, &self.device)?, 0)?; // (n, d)
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.norm_1.forward(&x)?;
+            let mut qkv = block.wqkv.forward(&h)?; // (n, 3d)
+            if let Some(c) = self.config.attn_config.clip_qkv {
+                qkv = qkv.clamp(-c, c)?;
+            }
+            let mut q = qkv.narrow(D::Minus1, 0, d)?;
+            let mut k = qkv.narrow(D::Minus1, d, d)?;
+            let v = qkv.narrow(D::Minus1, 2 * d, d)?;
+            if let Some((q_ln, k_ln)) = &block.qk_ln {
+                q = q_ln.forward(&q)?;
+                k = k_ln.forward(&k)?;
+            }
+            let attn = self.attention(layer, &q, &k, &v, &slots, cache)?; // (n, d)
+            x = (x + block.out_proj.forward(&attn)?)?;
+            let h = block.norm_2.forward(&x)?;
+            let ffn = block
+                .down_proj
+                .forward(&block.up_proj.forward(&h)?.gelu_erf()?)?;
+            x = (x + ffn)?;
+        }
+        if logit_rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        let h = if logit_rows.len() == n {
+            x
+        } else {
+            x.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?
+        };
+        let h = self.norm_f.forward(&h)?;
+        let mut logits = h.matmul(&self.wte.t()?)?.to_dtype(DType::F32)?;
+        if let Some(scale) = self.logit_scale {
+            logits = (logits * scale)?;
+        }
+        Ok(logits)
+    }
+
+    /// Writes K/V for the new tokens and attends over each sequence's cached context.
+    fn attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[TokenSlot<'_>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let geometry = cache.geometry;
+        let host_f32 = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        match &mut cache.storage {
+            KvStorage::Cpu(layers) => {
+                let pool = &mut layers[layer];
+                write_kv(&geometry, pool, slots, &host_f32(k)?, &host_f32(v)?);
+                let out = paged_attention(
+                    &geometry,
+                    pool,
+                    slots,
+                    &host_f32(q)?,
+                    &self.slopes,
+                    self.softmax_scale,
+                );
+                let out = Tensor::from_vec(out, (slots.len(), self.config.d_model), &Device::Cpu)?;
+                Ok(out.to_dtype(self.dtype)?.to_device(&self.device)?)
+            }
+        }
+    }
+
+    /// Rejects batches that would index outside the cache or the vocabulary. These are engine
+    /// bugs, not user errors: the scheduler validates requests long before.
+    fn check_batch(&self, batch: &ModelBatch, cache: &KvCache) -> Result<()> {
+        let g = cache.geometry;
+        let bug = |message: String| Err(EngineError::setting("batch", message));
+        if g.n_heads != self.config.n_heads || g.head_dim != self.config.head_dim() {
+            return bug(format!(
+                "KV cache shaped for {} heads of {}, model has {} of {}",
+                g.n_heads,
+                g.head_dim,
+                self.config.n_heads,
+                self.config.head_dim()
+            ));
+        }
+        if batch.seqs.is_empty() {
+            return bug("empty batch".into());
+        }
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            if seq.tokens.is_empty() {
+                return bug(format!("sequence {i} has no new tokens"));
+            }
+            if seq.block_table.len() * g.block_size < seq.context_len() {
+                return bug(format!(
+                    "sequence {i}: {} blocks of {} cannot hold {} tokens",
+                    seq.block_table.len(),
+                    g.block_size,
+                    seq.context_len()
+                ));
+            }
+            if let Some(&b) = seq
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= g.num_blocks)
+            {
+                return bug(format!(
+                    "sequence {i}: block {b} is outside the pool of {}",
+                    g.num_blocks
+                ));
+            }
+            if let Some(&t) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return bug(format!(
+                    "sequence {i}: token id {t} is outside the vocabulary"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
