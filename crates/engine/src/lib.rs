@@ -5,8 +5,12 @@
 //! knows about HTTP.
 
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod kv_cache;
 pub mod model;
+pub mod sampling;
+pub mod stop;
 pub mod tokenizer;
 pub mod types;
 
