@@ -1,1 +1,3 @@
+//! `mpt-server` binary (being built).
+
 fn main() {}

@@ -1,0 +1,235 @@
+//! The one error type of the HTTP API and its mapping to status codes.
+//!
+//! Invariants: every error the server returns — JSON responses and SSE error events alike — has
+//! OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; 500s carry a generic message
+//! (the detail goes to the log only); 429 always carries `Retry-After`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mpt_engine::SubmitError;
+use serde::Serialize;
+
+/// Seconds a client should wait after a 429.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// Everything an API call can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is missing, has the wrong type or is out of range (400).
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong, naming the field.
+        message: String,
+        /// The field at fault.
+        param: Option<String>,
+        /// Machine-readable code, e.g. `context_length_exceeded`.
+        code: Option<String>,
+    },
+    /// The body is not JSON / not an object (400).
+    #[error("{0}")]
+    MalformedBody(String),
+    /// Missing or wrong API key (401).
+    #[error("invalid or missing API key")]
+    Unauthorized,
+    /// Unknown model name (404).
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// Unknown route (404).
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// Wrong HTTP method for the route (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The body exceeds the limit (413).
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The content type is not JSON (415).
+    #[error("unsupported content type {0:?}: send `Content-Type: application/json`")]
+    UnsupportedMediaType(String),
+    /// The queue is full (429, with `Retry-After`).
+    #[error("the server is at capacity: request queue is full, retry later")]
+    QueueFull,
+    /// The model is still loading (503).
+    #[error("the model is still loading, retry later")]
+    NotReady,
+    /// The server is draining for shutdown (503).
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The engine thread is gone (503).
+    #[error("the inference engine has stopped")]
+    EngineStopped,
+    /// The request body was not received in time (408).
+    #[error("request body timed out")]
+    Timeout,
+    /// A real internal fault (500); the detail is logged, never sent.
+    #[error("internal server error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming the field.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Invalid { .. } | Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotReady | Self::ShuttingDown | Self::EngineStopped => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. }
+            | Self::MalformedBody(_)
+            | Self::PayloadTooLarge(_)
+            | Self::UnsupportedMediaType(_)
+            | Self::MethodNotAllowed
+            | Self::Timeout => "invalid_request_error",
+            Self::Unauthorized => "authentication_error",
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
+            Self::QueueFull => "rate_limit_error",
+            Self::NotReady | Self::ShuttingDown | Self::EngineStopped => {
+                "service_unavailable_error"
+            }
+            Self::Internal(_) => "internal_server_error",
+        }
+    }
+
+    /// The wire body.
+    pub fn body(&self) -> ErrorBody {
+        let (param, code) = match self {
+            Self::Invalid { param, code, .. } => (param.clone(), code.clone()),
+            Self::ModelNotFound(_) => (Some("model".into()), Some("model_not_found".into())),
+            Self::Unauthorized => (None, Some("invalid_api_key".into())),
+            Self::QueueFull => (None, Some("queue_full".into())),
+            _ => (None, None),
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind().to_string(),
+                param,
+                code,
+            },
+        }
+    }
+
+    /// Short label for the rejected-requests metric.
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } | Self::MalformedBody(_) => "invalid",
+            Self::Unauthorized => "unauthorized",
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge(_) => "too_large",
+            Self::UnsupportedMediaType(_) => "media_type",
+            Self::QueueFull => "queue_full",
+            Self::NotReady => "not_ready",
+            Self::ShuttingDown => "shutting_down",
+            Self::EngineStopped => "engine_stopped",
+            Self::Timeout => "timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull => Self::QueueFull,
+            SubmitError::ShuttingDown => Self::ShuttingDown,
+            SubmitError::EngineStopped => Self::EngineStopped,
+            SubmitError::Invalid {
+                message,
+                param,
+                code,
+            } => Self::Invalid {
+                message,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+/// `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorBody {
+    /// The detail.
+    pub error: ErrorDetail,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorDetail {
+    /// Human-readable message.
+    pub message: String,
+    /// Error class.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault.
+    pub param: Option<String>,
+    /// Machine-readable code.
+    pub code: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let status = self.status();
+        let body = serde_json::to_vec(&self.body()).expect("error body serializes; this is a bug");
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if matches!(self, Self::QueueFull) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_and_status() {
+        let e = ApiError::invalid("temperature", "temperature must be in [0, 2], got 3");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let v = serde_json::to_value(e.body()).expect("serializes");
+        assert_eq!(v["error"]["param"], "temperature");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["code"].is_null());
+        let r = ApiError::QueueFull.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn internal_errors_leak_nothing() {
+        let e = ApiError::Internal("tensor shape mismatch at /secret/path".into());
+        assert_eq!(e.body().error.message, "internal server error");
+    }
+}

@@ -1,0 +1,342 @@
+//! OpenAI wire types (requests and responses) for completions, chat, models and vLLM's
+//! tokenize/detokenize. Pure data: no validation here (that is `validation.rs`).
+//!
+//! Invariants: request fields whose JSON type varies (`prompt`, `stop`, message `content`) are
+//! kept as `serde_json::Value` so validation can name the field in a precise error; unknown
+//! request fields are ignored, as OpenAI does.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with `usage` and no choices.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CompletionRequest {
+    /// Model name (must match the served one when given).
+    pub model: Option<String>,
+    /// String, list of strings, list of token ids, or list of lists of ids.
+    pub prompt: Option<Value>,
+    /// Not supported: always a 400 when present.
+    pub suffix: Option<Value>,
+    /// Maximum tokens to generate (default 16).
+    pub max_tokens: Option<i64>,
+    /// Sampling temperature in [0, 2].
+    pub temperature: Option<f64>,
+    /// Nucleus mass in (0, 1].
+    pub top_p: Option<f64>,
+    /// Top-k (vLLM extension; -1 or 0 disables).
+    pub top_k: Option<i64>,
+    /// Min-p (vLLM extension) in [0, 1].
+    pub min_p: Option<f64>,
+    /// Completions per prompt.
+    pub n: Option<i64>,
+    /// Sequences generated per prompt (≥ n).
+    pub best_of: Option<i64>,
+    /// Stop string or up to 4 strings.
+    pub stop: Option<Value>,
+    /// Stream chunks as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Number of top logprobs (0–5).
+    pub logprobs: Option<i64>,
+    /// Include the prompt in text and logprobs.
+    pub echo: Option<bool>,
+    /// RNG seed.
+    pub seed: Option<i64>,
+    /// In [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// > 0 (vLLM extension).
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string key) → bias in [-100, 100].
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// End-user id (accepted, only logged).
+    pub user: Option<String>,
+    /// Keep going past EOS (vLLM extension).
+    pub ignore_eos: Option<bool>,
+    /// Minimum generated tokens before stopping (vLLM extension).
+    pub min_tokens: Option<i64>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, ...
+    pub role: String,
+    /// A string or a list of `{"type": "text", "text": ...}` parts.
+    #[serde(default)]
+    pub content: Value,
+    /// Optional speaker name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model name.
+    pub model: Option<String>,
+    /// The conversation.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Maximum generated tokens (legacy name).
+    pub max_tokens: Option<i64>,
+    /// Maximum generated tokens (current name; wins over `max_tokens`).
+    pub max_completion_tokens: Option<i64>,
+    /// Sampling temperature in [0, 2].
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Top-k (vLLM extension).
+    pub top_k: Option<i64>,
+    /// Min-p (vLLM extension).
+    pub min_p: Option<f64>,
+    /// Choices.
+    pub n: Option<i64>,
+    /// Stop string(s).
+    pub stop: Option<Value>,
+    /// Stream as SSE.
+    pub stream: Option<bool>,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Return logprobs of the output tokens.
+    pub logprobs: Option<bool>,
+    /// Alternatives per position (0–20).
+    pub top_logprobs: Option<i64>,
+    /// RNG seed.
+    pub seed: Option<i64>,
+    /// In [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// > 0.
+    pub repetition_penalty: Option<f64>,
+    /// Token id → bias.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// End-user id.
+    pub user: Option<String>,
+    /// Keep going past EOS.
+    pub ignore_eos: Option<bool>,
+    /// Minimum generated tokens.
+    pub min_tokens: Option<i64>,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct UsageInfo {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Sum of both.
+    pub total_tokens: usize,
+}
+
+impl UsageInfo {
+    /// Builds usage from the two counts.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// Legacy completions logprobs.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// Token strings.
+    pub tokens: Vec<String>,
+    /// Their logprobs (`null` for the first prompt token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Top alternatives per position (`null` for the first prompt token).
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Character offset of each token in the choice text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One completion choice.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompletionChoice {
+    /// Index, prompt-major.
+    pub index: usize,
+    /// Text (with the prompt when echo).
+    pub text: String,
+    /// Logprobs when requested.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop`, `length` or `abort`; `null` in stream chunks until the end.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A completion response or stream chunk.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompletionResponse {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// Choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Usage (always in responses; in streams only the final chunk, when asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageInfo>,
+}
+
+/// One alternative in chat logprobs.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    /// Token text.
+    pub token: String,
+    /// Its logprob.
+    pub logprob: f32,
+    /// UTF-8 bytes of the token text.
+    pub bytes: Vec<u8>,
+}
+
+/// Logprob of one chat output token.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    /// Token text.
+    pub token: String,
+    /// Its logprob.
+    pub logprob: f32,
+    /// UTF-8 bytes of the token text.
+    pub bytes: Vec<u8>,
+    /// Alternatives.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// Chat `logprobs` object.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    /// Per output token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// The assistant message of a chat choice (or a stream delta).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatResponseMessage {
+    /// `assistant` (first stream delta and full responses only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// Text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One chat choice (`message` in responses, `delta` in chunks).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatChoice {
+    /// Index.
+    pub index: usize,
+    /// Full message (responses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<ChatResponseMessage>,
+    /// Increment (stream chunks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<ChatResponseMessage>,
+    /// Logprobs when requested.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Why it ended.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A chat response (`chat.completion`) or chunk (`chat.completion.chunk`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatCompletionResponse {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// Object type.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// Choices.
+    pub choices: Vec<ChatChoice>,
+    /// Usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageInfo>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    /// Served name.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds at startup.
+    pub created: u64,
+    /// Owner.
+    pub owned_by: &'static str,
+    /// Context length (vLLM extension).
+    pub max_model_len: usize,
+}
+
+/// `GET /v1/models` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The one served model.
+    pub data: Vec<ModelCard>,
+}
+
+/// `POST /tokenize` body (vLLM): either `prompt` or chat `messages`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenizeRequest {
+    /// Model name.
+    pub model: Option<String>,
+    /// Text to tokenize.
+    pub prompt: Option<String>,
+    /// Chat messages to render and tokenize instead.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// With `messages`: append the assistant header (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Accepted for vLLM compatibility; MPT adds no special tokens.
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `POST /tokenize` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizeResponse {
+    /// Token count.
+    pub count: usize,
+    /// Context length.
+    pub max_model_len: usize,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Model name.
+    pub model: Option<String>,
+    /// Token ids.
+    pub tokens: Option<Vec<i64>>,
+}
+
+/// `POST /detokenize` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetokenizeResponse {
+    /// The text.
+    pub prompt: String,
+}
