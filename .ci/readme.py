@@ -8,8 +8,9 @@
                                   marked `<!-- ci: run -->`, then SIGTERM it and require exit 0
 
 A marked block runs with bash (```bash) or with this Python (```python, which needs the
-`openai` package); it passes when it exits 0 and prints no `"error"` object. Outputs are
-printed, so the CI log shows a real session against the server.
+`openai` package); it passes when it exits 0 and prints no `"error"` object, or, when marked
+`<!-- ci: run expect-error -->`, when it prints one. Outputs are printed, so the CI log shows a
+real session against the server.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def cmd_help(mode: str, binary: str) -> int:
     return 0
 
 
-def marked_blocks() -> list[tuple[str, str]]:
-    """(language, code) of each fenced block right after a `<!-- ci: run -->` line."""
-    found = re.findall(r"<!-- ci: run -->\s*\n```(\w+)\n(.*?)```", README.read_text(), re.S)
-    return [(lang, code) for lang, code in found]
+def marked_blocks() -> list[tuple[str, str, bool]]:
+    """(language, code, expects an error) of each block right after a `<!-- ci: run -->` line."""
+    found = re.findall(r"<!-- ci: run( expect-error)? -->\s*\n```(\w+)\n(.*?)```",
+                       README.read_text(), re.S)
+    return [(lang, code, bool(err)) for err, lang, code in found]
 
 
 def port_free(port: int) -> bool:
@@ -119,7 +121,7 @@ def cmd_examples(binary: str) -> int:
             print(Path(log.name).read_text()[-5000:])
             return 1
         print(f"server ready after {time.monotonic() - started:.1f}s")
-        for i, (lang, code) in enumerate(blocks, 1):
+        for i, (lang, code, expect_error) in enumerate(blocks, 1):
             if lang in ("bash", "sh", "console"):
                 argv = ["bash", "-euo", "pipefail", "-c", code]
             elif lang == "python":
@@ -138,8 +140,10 @@ def cmd_examples(binary: str) -> int:
                 continue
             text = out.stdout + out.stderr
             print(text[:3000].rstrip() + ("\n[...]" if len(text) > 3000 else ""))
-            if out.returncode != 0 or re.search(r'"error"\s*:\s*\{', out.stdout):
-                print(f"example {i}: FAILED (exit status {out.returncode})")
+            has_error = re.search(r'"error"\s*:\s*\{', out.stdout) is not None
+            if out.returncode != 0 or has_error != expect_error:
+                wanted = "an error object" if expect_error else "no error object"
+                print(f"example {i}: FAILED (exit status {out.returncode}; expected {wanted})")
                 failures += 1
     finally:
         if proc.poll() is None:
