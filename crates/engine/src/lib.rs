@@ -10,6 +10,8 @@ pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
 pub mod stop;
 pub mod tokenizer;
 pub mod types;

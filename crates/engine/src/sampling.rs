@@ -197,7 +197,9 @@ pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
     }
     TokenLogprob {
         token_id: token,
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - lse),
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse),
         top: top.into_iter().map(|(i, l)| (i, l - lse)).collect(),
     }
 }
@@ -232,12 +234,18 @@ mod tests {
 
     #[test]
     fn top_k_top_p_min_p_restrict_support() {
-        let t1 = |f: fn(&mut SamplingParams)| params(|p| {
-            p.temperature = 1.0;
-            f(p)
-        });
+        let t1 = |f: fn(&mut SamplingParams)| {
+            params(|p| {
+                p.temperature = 1.0;
+                f(p)
+            })
+        };
         let h = histogram(&t1(|p| p.top_k = 2), &LOGITS, 2000);
-        assert_eq!((h[0], h[2], h[4]), (0, 0, 0), "top_k=2 keeps tokens 1 and 3: {h:?}");
+        assert_eq!(
+            (h[0], h[2], h[4]),
+            (0, 0, 0),
+            "top_k=2 keeps tokens 1 and 3: {h:?}"
+        );
         assert!(h[1] > 800 && h[3] > 800, "{h:?}");
         // Probabilities ≈ [.05,.38,.14,.38,.007]: top_p 0.5 keeps the two 0.38s.
         let h = histogram(&t1(|p| p.top_p = 0.5), &LOGITS, 2000);
@@ -280,7 +288,11 @@ mod tests {
         let mut s = Sampler::new(&params(|p| p.presence_penalty = 0.5), 0, &[]);
         assert_eq!(s.sample(&logits), 0);
         s.record(0);
-        assert_eq!(s.sample(&logits), 1, "presence penalty pushes token 0 below 1");
+        assert_eq!(
+            s.sample(&logits),
+            1,
+            "presence penalty pushes token 0 below 1"
+        );
 
         let mut s = Sampler::new(&params(|p| p.frequency_penalty = 0.06), 0, &[]);
         s.record(0);
@@ -292,10 +304,22 @@ mod tests {
         let mut s = Sampler::new(&params(|p| p.repetition_penalty = 1.2), 0, &[0]);
         assert_eq!(s.sample(&logits), 1);
         let mut s = Sampler::new(&params(|p| p.repetition_penalty = 1.2), 0, &[2]);
-        assert_eq!(s.sample(&[-1.0, -1.1, -0.95]), 0, "negative logits are multiplied");
+        assert_eq!(
+            s.sample(&[-1.0, -1.1, -0.95]),
+            0,
+            "negative logits are multiplied"
+        );
 
-        let mut s = Sampler::new(&params(|p| p.logit_bias = vec![(2, 5.0), (99, 1.0)]), 0, &[]);
-        assert_eq!(s.sample(&logits), 2, "bias applies; out-of-range ids are ignored");
+        let mut s = Sampler::new(
+            &params(|p| p.logit_bias = vec![(2, 5.0), (99, 1.0)]),
+            0,
+            &[],
+        );
+        assert_eq!(
+            s.sample(&logits),
+            2,
+            "bias applies; out-of-range ids are ignored"
+        );
     }
 
     #[test]
@@ -308,7 +332,10 @@ mod tests {
         assert!((lp.top[0].1 - (3.0 - lse)).abs() < 1e-6);
         let probs: f32 = LOGITS.iter().map(|&l| (l - lse).exp()).sum();
         assert!((probs - 1.0).abs() < 1e-6);
-        assert!(token_logprob(&LOGITS, 0, 50).top.len() == 5, "k capped at vocab");
+        assert!(
+            token_logprob(&LOGITS, 0, 50).top.len() == 5,
+            "k capped at vocab"
+        );
         assert!(token_logprob(&LOGITS, 0, 0).top.is_empty());
     }
 }

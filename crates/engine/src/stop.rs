@@ -220,7 +220,10 @@ mod tests {
     fn earliest_of_several_stop_strings_wins() {
         let c = cond(&["world", "lo w"], 100);
         let (out, fin) = run(&c, &[(5, "hello world")]);
-        assert_eq!((out.concat(), fin), ("hel".to_string(), Some(FinishReason::Stop)));
+        assert_eq!(
+            (out.concat(), fin),
+            ("hel".to_string(), Some(FinishReason::Stop))
+        );
     }
 
     #[test]
@@ -253,7 +256,11 @@ mod tests {
         // Below min_tokens a stop string does not stop (and is not cut later).
         let o = s.push(5, "stop");
         assert_eq!((o.text.as_str(), o.finish), ("stop", None));
-        assert_eq!(s.banned_tokens(), vec![42, 0], "as vLLM: banned while fewer than min_tokens");
+        assert_eq!(
+            s.banned_tokens(),
+            vec![42, 0],
+            "as vLLM: banned while fewer than min_tokens"
+        );
         assert_eq!(s.push(6, " go").finish, None);
         assert!(s.banned_tokens().is_empty());
         let o = s.push(42, "ignored text");
@@ -289,7 +296,11 @@ mod tests {
                 }
             }
             let expected = &text[..text.find(stop).expect("stop occurs")];
-            assert_eq!((streamed.as_str(), finish), (expected, Some(FinishReason::Stop)), "{stop:?}");
+            assert_eq!(
+                (streamed.as_str(), finish),
+                (expected, Some(FinishReason::Stop)),
+                "{stop:?}"
+            );
         }
     }
 }

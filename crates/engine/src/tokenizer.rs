@@ -169,7 +169,11 @@ mod tests {
         }
         assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
         assert_eq!(tok.token_text(0), "<|endoftext|>");
-        assert_eq!(tok.decode(&[0]).expect("decode"), "", "special tokens are skipped");
+        assert_eq!(
+            tok.decode(&[0]).expect("decode"),
+            "",
+            "special tokens are skipped"
+        );
     }
 
     #[test]
@@ -179,7 +183,10 @@ mod tests {
             let ids = tok.encode(text).expect("encode");
             let pieces = stream(&tok, &ids);
             for piece in &pieces {
-                assert!(!piece.contains(char::REPLACEMENT_CHARACTER), "{text:?}: {pieces:?}");
+                assert!(
+                    !piece.contains(char::REPLACEMENT_CHARACTER),
+                    "{text:?}: {pieces:?}"
+                );
             }
             assert_eq!(pieces.concat(), *text);
             // Multi-byte characters split over several tokens must have produced empty pieces.
@@ -207,7 +214,11 @@ mod tests {
                 })
                 .collect();
             let pieces = stream(&tok, &ids);
-            assert_eq!(pieces.concat(), tok.decode(&ids).expect("decode"), "{ids:?}");
+            assert_eq!(
+                pieces.concat(),
+                tok.decode(&ids).expect("decode"),
+                "{ids:?}"
+            );
             // Only the final flush may carry a replacement character (sequence ended mid-char).
             for piece in &pieces[..pieces.len() - 1] {
                 if piece.ends_with(char::REPLACEMENT_CHARACTER) {
@@ -222,6 +233,9 @@ mod tests {
         let tok = tokenizer();
         let ids = tok.encode(" a  b   c").expect("encode");
         assert_eq!(stream(&tok, &ids).concat(), " a  b   c");
-        assert_eq!(tok.token_text(tok.encode(" world").expect("encode")[0]), " world");
+        assert_eq!(
+            tok.token_text(tok.encode(" world").expect("encode")[0]),
+            " world"
+        );
     }
 }

@@ -63,7 +63,10 @@ impl BlockAllocator {
             Some(b) => b,
             None => self.cache.evict_lru()?,
         };
-        debug_assert_eq!(self.refcount[block as usize], 0, "allocated a used block: this is a bug");
+        debug_assert_eq!(
+            self.refcount[block as usize], 0,
+            "allocated a used block: this is a bug"
+        );
         self.refcount[block as usize] = 1;
         Some(block)
     }
@@ -98,7 +101,11 @@ impl BlockAllocator {
 
     /// The cached block holding `hash`, if any, without taking a reference.
     pub fn peek_cached(&self, hash: BlockHash) -> Option<u32> {
-        if self.caching { self.cache.get(hash) } else { None }
+        if self.caching {
+            self.cache.get(hash)
+        } else {
+            None
+        }
     }
 
     /// Takes a reference to a cached block found by [`Self::peek_cached`].
@@ -118,7 +125,10 @@ impl BlockAllocator {
     /// Records that the full, referenced `block` holds the prefix identified by `hash`.
     pub fn register(&mut self, block: u32, hash: BlockHash) {
         if self.caching {
-            debug_assert!(self.refcount(block) > 0, "registering a free block: this is a bug");
+            debug_assert!(
+                self.refcount(block) > 0,
+                "registering a free block: this is a bug"
+            );
             self.cache.insert(hash, block);
         }
     }
@@ -133,9 +143,17 @@ impl BlockAllocator {
         for (b, &rc) in self.refcount.iter().enumerate() {
             let b32 = b as u32;
             let states = [rc > 0, on_free[b], self.cache.is_evictable(b32)];
-            assert_eq!(states.iter().filter(|s| **s).count(), 1, "block {b} states {states:?}");
+            assert_eq!(
+                states.iter().filter(|s| **s).count(),
+                1,
+                "block {b} states {states:?}"
+            );
             if self.cache.is_evictable(b32) || on_free[b] {
-                assert_eq!(on_free[b], !self.cache.is_cached(b32), "block {b} cache state");
+                assert_eq!(
+                    on_free[b],
+                    !self.cache.is_cached(b32),
+                    "block {b} cache state"
+                );
             }
         }
         assert_eq!(self.num_free() + self.num_used(), self.num_total());

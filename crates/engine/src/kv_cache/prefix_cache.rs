@@ -71,7 +71,10 @@ impl PrefixCache {
 
     /// Marks a cached block as unreferenced (most recently used end of the LRU).
     pub fn make_evictable(&mut self, block: u32) {
-        debug_assert!(self.is_cached(block), "only cached blocks are evictable: this is a bug");
+        debug_assert!(
+            self.is_cached(block),
+            "only cached blocks are evictable: this is a bug"
+        );
         self.tick += 1;
         self.lru.insert(self.tick, block);
         self.lru_tick_of.insert(block, self.tick);
@@ -124,7 +127,10 @@ mod tests {
         let a = block_hashes(&[1, 2, 3, 4, 5, 6], 2);
         let b = block_hashes(&[9, 2, 3, 4, 5, 6], 2);
         assert_eq!(a.len(), 3);
-        assert!(a.iter().zip(&b).all(|(x, y)| x != y), "a change in block 0 changes all");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x != y),
+            "a change in block 0 changes all"
+        );
         let c = block_hashes(&[1, 2, 3, 4, 5, 6, 7], 2);
         assert_eq!(a, c, "a partial tail block gets no hash");
         assert_ne!(block_hash(None, &[3, 4]), a[1], "same tokens, other parent");
