@@ -9,8 +9,8 @@
 
 A marked block runs with bash (```bash) or with this Python (```python, which needs the
 `openai` package); it passes when it exits 0 and prints no `"error"` object, or, when marked
-`<!-- ci: run expect-error -->`, when it prints one. Outputs are printed, so the CI log shows a
-real session against the server.
+`<!-- ci: run expect-error CODE -->`, when it prints an error object with `"code":"CODE"`.
+Outputs are printed, so the CI log shows a real session against the server.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def help_text(binary: str) -> str:
     # A fixed environment: clap shows the values of MPT_SERVER_* variables it finds.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPT_SERVER_")}
     env["COLUMNS"] = "100"
-    out = subprocess.run([binary, "--help"], capture_output=True, text=True, check=True, env=env)
+    # argv[0] "mpt-server" whatever the file is called: clap prints it in the usage line.
+    out = subprocess.run(["mpt-server", "--help"], executable=binary, capture_output=True,
+                         text=True, check=True, env=env)
     return out.stdout.rstrip() + "\n"
 
 
@@ -72,15 +74,17 @@ def cmd_help(mode: str, binary: str) -> int:
     return 0
 
 
-def marked_blocks() -> list[tuple[str, str, bool]]:
-    """(language, code, expects an error) of each block right after a `<!-- ci: run -->` line."""
-    found = re.findall(r"<!-- ci: run( expect-error)? -->\s*\n```(\w+)\n(.*?)```",
+def marked_blocks() -> list[tuple[str, str, str | None]]:
+    """(language, code, expected error code or None) of each block after a `ci: run` marker."""
+    found = re.findall(r"<!-- ci: run(?: expect-error (\w+))? -->\s*\n```(\w+)\n(.*?)```",
                        README.read_text(), re.S)
-    return [(lang, code, bool(err)) for err, lang, code in found]
+    return [(lang, code, err or None) for err, lang, code in found]
 
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As the server does: connections in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
@@ -141,8 +145,12 @@ def cmd_examples(binary: str) -> int:
             text = out.stdout + out.stderr
             print(text[:3000].rstrip() + ("\n[...]" if len(text) > 3000 else ""))
             has_error = re.search(r'"error"\s*:\s*\{', out.stdout) is not None
-            if out.returncode != 0 or has_error != expect_error:
-                wanted = "an error object" if expect_error else "no error object"
+            if expect_error:
+                ok = has_error and re.search(rf'"code"\s*:\s*"{expect_error}"', out.stdout)
+            else:
+                ok = not has_error
+            if out.returncode != 0 or not ok:
+                wanted = f"error code {expect_error}" if expect_error else "no error object"
                 print(f"example {i}: FAILED (exit status {out.returncode}; expected {wanted})")
                 failures += 1
     finally:
