@@ -45,7 +45,7 @@ COPY --from=skeleton /src ./
 RUN cargo build --release --locked -p mpt-server
 COPY . .
 # Our sources must look newer than the skeleton's empty files, or cargo keeps the empty build.
-RUN find crates -name '*.rs' -exec touch {} + \
+RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
     && cargo build --release --locked -p mpt-server \
     && install -D -m 0755 target/release/mpt-server /out/mpt-server
 
@@ -76,7 +76,7 @@ WORKDIR /src
 COPY --from=skeleton /src ./
 RUN cargo build --release --locked -p mpt-server --features cuda
 COPY . .
-RUN find crates -name '*.rs' -exec touch {} + \
+RUN find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
     && cargo build --release --locked -p mpt-server --features cuda \
     && install -D -m 0755 target/release/mpt-server /out/mpt-server
 
