@@ -20,18 +20,23 @@ ARG RUST_VERSION=1.95.0
 ARG CUDA_VERSION=12.8.1
 ARG CUDA_UBUNTU=ubuntu24.04
 
-# ---- skeleton: the workspace manifests with empty sources, to build dependencies alone --------
+# ---- skeleton: the workspace's manifests with empty sources, to build dependencies alone ------
+# This stage sees every source, but its output changes only when a manifest, Cargo.lock or
+# rust-toolchain.toml does, so the dependency layers below stay cached while code changes.
 FROM debian:bookworm-slim AS skeleton
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
-COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
-COPY crates/engine/Cargo.toml crates/engine/
-COPY crates/server/Cargo.toml crates/server/
-# An empty lib and main per package (the root too, when it is a package) so cargo can resolve
-# and compile every dependency without our code.
-RUN for dir in . crates/engine crates/server; do \
-        if grep -q '^\[package\]' "$dir/Cargo.toml"; then \
-            mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
-        fi; \
+COPY . .
+# Keep the manifests; give each package an empty lib and main, and an empty file at every target
+# path a manifest names, so that cargo can resolve and compile every dependency without our code.
+RUN find . -type f ! -name Cargo.toml ! -name Cargo.lock ! -name rust-toolchain.toml -delete \
+    && find . -name Cargo.toml | while read -r manifest; do \
+        dir=$(dirname "$manifest"); \
+        grep -q '^\[package\]' "$manifest" || continue; \
+        mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
+        sed -n 's/^path *= *"\(.*\.rs\)".*/\1/p' "$manifest" | while read -r target; do \
+            mkdir -p "$(dirname "$dir/$target")" && echo 'fn main() {}' > "$dir/$target"; \
+        done; \
     done
 
 # ---- CPU build ---------------------------------------------------------------------------------
