@@ -1,0 +1,188 @@
+//! `mpt-bench`: runs load against a completions endpoint, or compares result files.
+//!
+//! Invariants: every run ends by itself (request count and time cap per level); results are
+//! written even when some requests failed (failures are counted in them); exit status is
+//! non-zero only for a usage error or when no request at all succeeded.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use mpt_bench::chart;
+use mpt_bench::cli::{Cli, Command, CompareArgs, RunArgs};
+use mpt_bench::client::{Target, send};
+use mpt_bench::report::{RunResult, RunSettings, compare_markdown, console_table};
+use mpt_bench::runner::{Limits, run_level};
+use mpt_bench::workload::plan_requests;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run(args))
+        }
+        Command::Compare(args) => compare(args),
+    }
+}
+
+/// Progress bar for one level (hidden with --no-progress).
+fn progress(args: &RunArgs, len: usize, prefix: String) -> ProgressBar {
+    if args.no_progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} requests {msg}",
+    )
+    .expect("static template; this is a bug");
+    bar.set_style(style);
+    bar.set_prefix(prefix);
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let loads = args.loads().map_err(anyhow::Error::msg)?;
+    args.check_times().map_err(anyhow::Error::msg)?;
+    let target = Target {
+        url: args.url.clone(),
+        model: args.model.clone(),
+        api_key: args.api_key.clone(),
+        temperature: args.temperature,
+        extra_body: args.extra_body().map_err(anyhow::Error::msg)?,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")?;
+    let limits = Limits {
+        max_duration: Duration::from_secs_f64(args.max_duration),
+        grace: Duration::from_secs_f64(args.grace),
+    };
+
+    // Warm-up: a different seed so measured prompts are not already cached by the server.
+    for (i, req) in plan_requests(
+        args.warmup,
+        args.prompt_tokens,
+        args.output_tokens,
+        !args.seed,
+    )
+    .iter()
+    .enumerate()
+    {
+        let r = tokio::time::timeout(limits.max_duration, send(&client, &target, req, 0.0)).await;
+        match r {
+            Ok(rec) if rec.ok() => {}
+            Ok(rec) => bail!(
+                "warm-up request {} to {} failed: {}",
+                i + 1,
+                args.url,
+                rec.error.unwrap_or_default()
+            ),
+            Err(_) => bail!("warm-up request {} took longer than --max-duration", i + 1),
+        }
+    }
+
+    let mut result = RunResult {
+        scenario: args.scenario.clone(),
+        label: args.label(),
+        started_unix_s: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        settings: RunSettings {
+            url: args.url.clone(),
+            model: args.model.clone(),
+            prompt_tokens: args.prompt_tokens.to_string(),
+            output_tokens: args.output_tokens.to_string(),
+            temperature: args.temperature,
+            seed: args.seed,
+            max_duration_s: args.max_duration,
+            warmup: args.warmup,
+        },
+        levels: Vec::new(),
+    };
+    for (i, &load) in loads.iter().enumerate() {
+        let count = args.requests_for(load);
+        // Each level gets its own prompts: no level reuses another's prefixes.
+        let seed = args.seed.wrapping_add(i as u64 + 1);
+        let plan = plan_requests(count, args.prompt_tokens, args.output_tokens, seed);
+        let bar = progress(&args, count, load.label());
+        let (level, _records) = run_level(
+            client.clone(),
+            target.clone(),
+            load,
+            plan,
+            seed,
+            limits,
+            bar,
+        )
+        .await;
+        result.levels.push(level);
+        if let Some(path) = &args.output {
+            write_json(path, &result)?;
+        }
+    }
+    print!("{}", console_table(&result));
+    if let Some(path) = &args.output {
+        eprintln!("results: {}", path.display());
+    }
+    if let Some(path) = &args.chart {
+        let title = format!("{} — {}", result.label, result.scenario);
+        chart::write_png(path, &title, std::slice::from_ref(&result))?;
+        eprintln!("chart: {}", path.display());
+    }
+    if result.levels.iter().all(|l| l.completed == 0) {
+        bail!("no request succeeded");
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, result: &RunResult) -> Result<()> {
+    let json = serde_json::to_string_pretty(result).expect("results serialize; this is a bug");
+    std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<RunResult> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    if args.candidate.len() != args.baseline.len() {
+        bail!(
+            "{} --candidate files but {} --baseline files: they are paired in order",
+            args.candidate.len(),
+            args.baseline.len()
+        );
+    }
+    let mut pairs = Vec::new();
+    for (c, b) in args.candidate.iter().zip(&args.baseline) {
+        pairs.push((read_json(c)?, read_json(b)?));
+    }
+    let table = compare_markdown(&pairs);
+    print!("{table}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.chart {
+        let (c, b) = pairs
+            .iter()
+            .max_by_key(|(c, _)| c.levels.len())
+            .context("no result files given")?;
+        let title = format!("{} vs {} — {}", c.label, b.label, c.scenario);
+        chart::write_png(path, &title, &[c.clone(), b.clone()])?;
+        eprintln!("chart: {}", path.display());
+    }
+    Ok(())
+}
