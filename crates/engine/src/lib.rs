@@ -7,16 +7,19 @@
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod handle;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+mod step_loop;
 pub mod stop;
 pub mod tokenizer;
 pub mod types;
 
 pub use config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource, MptConfig};
 pub use error::{EngineError, Result};
+pub use handle::{EngineHandle, EventStream};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use types::*;

@@ -1,0 +1,323 @@
+//! The server's view of the engine: start it, submit requests, read stats, shut it down.
+//!
+//! Invariants: `submit` never blocks — it validates the request, then `try_send`s it into a
+//! bounded channel; at most `max_queue_size` requests are accepted but not yet scheduled
+//! (`QueueFull` beyond that). After `begin_shutdown` every submit is `ShuttingDown`. Each request
+//! gets its own unbounded event channel, so the engine thread never waits on a slow client;
+//! dropping the receiver cancels the request. The engine thread is joined when the last clone
+//! of the handle is dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::EngineConfig;
+use crate::error::{EngineError, Result};
+use crate::sampling::MAX_TOP_LOGPROBS;
+use crate::sequence::blocks_for;
+use crate::step_loop::{self, Command, Submission};
+use crate::tokenizer::Tokenizer;
+use crate::types::{EngineStats, Event, GenerateRequest, ModelInfo, SubmitError};
+
+/// Events of one request, in order; dropping it cancels the request.
+pub type EventStream = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+/// State shared by the handle and the engine thread.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Latest stats, written by the engine thread after every step.
+    pub(crate) stats: Mutex<EngineStats>,
+    /// False once the engine thread exited (normally or by panic).
+    pub(crate) alive: AtomicBool,
+    /// Set by `begin_shutdown`.
+    pub(crate) shutting_down: AtomicBool,
+    /// Set by `abort_all`, cleared by the engine thread when it acted on it.
+    pub(crate) abort_all: AtomicBool,
+    /// Requests accepted by `submit` and not yet scheduled (or dropped).
+    pub(crate) pending: AtomicUsize,
+}
+
+/// What `submit` checks a request against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_model_len: usize,
+    pub(crate) vocab_size: usize,
+    pub(crate) num_blocks: usize,
+    pub(crate) block_size: usize,
+    pub(crate) max_queue_size: usize,
+}
+
+/// Marks the engine dead when the engine thread ends, even by panic.
+pub(crate) struct AliveGuard(pub(crate) Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+struct Inner {
+    sender: Option<SyncSender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    tokenizer: Arc<Tokenizer>,
+    model_info: ModelInfo,
+    limits: Limits,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Disconnecting the channel tells the engine thread to abort what is left and exit.
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("model_info", &self.inner.model_info)
+            .finish()
+    }
+}
+
+fn invalid(message: String, param: &str, code: Option<&str>) -> SubmitError {
+    SubmitError::Invalid {
+        message,
+        param: Some(param.to_string()),
+        code: code.map(str::to_string),
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model on a new std::thread and blocks until it is ready or failed.
+    pub fn start(config: EngineConfig) -> Result<EngineHandle> {
+        if config.max_num_seqs == 0 {
+            return Err(EngineError::setting("max_num_seqs", "must be at least 1"));
+        }
+        if config.max_num_batched_tokens == 0 {
+            return Err(EngineError::setting(
+                "max_num_batched_tokens",
+                "must be at least 1",
+            ));
+        }
+        if config.block_size == 0 {
+            return Err(EngineError::setting("block_size", "must be at least 1"));
+        }
+        let shared = Arc::new(Shared::default());
+        shared.alive.store(true, Ordering::SeqCst);
+        let (sender, receiver) = std::sync::mpsc::sync_channel(config.max_queue_size.max(1));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("mpt-engine".into())
+            .spawn(move || step_loop::run(config, receiver, thread_shared, ready_tx))
+            .map_err(|e| {
+                EngineError::setting("threads", format!("cannot spawn the engine thread: {e}"))
+            })?;
+        let ready = ready_rx.recv();
+        match ready {
+            Ok(Ok(ready)) => Ok(EngineHandle {
+                inner: Arc::new(Inner {
+                    sender: Some(sender),
+                    thread: Some(thread),
+                    shared,
+                    tokenizer: ready.tokenizer,
+                    model_info: ready.model_info,
+                    limits: ready.limits,
+                }),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(EngineError::EngineStopped)
+            }
+        }
+    }
+
+    /// Validates the request, then a bounded `try_send` into the engine; dropping the returned
+    /// stream cancels the request.
+    pub fn submit(&self, request: GenerateRequest) -> Result<EventStream, SubmitError> {
+        let inner = &self.inner;
+        if inner.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if !self.is_alive() {
+            return Err(SubmitError::EngineStopped);
+        }
+        validate(&request, &inner.limits)?;
+        let pending = &inner.shared.pending;
+        if pending.fetch_add(1, Ordering::SeqCst) >= inner.limits.max_queue_size {
+            pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let (events, stream) = tokio::sync::mpsc::unbounded_channel();
+        let submission = Submission {
+            request,
+            events,
+            submitted: Instant::now(),
+        };
+        let sender = inner
+            .sender
+            .as_ref()
+            .expect("sender lives as long as the handle: this is a bug");
+        match sender.try_send(Command::Submit(Box::new(submission))) {
+            Ok(()) => Ok(stream),
+            Err(e) => {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::EngineStopped,
+                })
+            }
+        }
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.inner.tokenizer
+    }
+
+    /// Static facts about the loaded model.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.inner.model_info
+    }
+
+    /// Current counters and gauges.
+    pub fn stats(&self) -> EngineStats {
+        *self
+            .inner
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// False once the engine thread died.
+    pub fn is_alive(&self) -> bool {
+        self.inner.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// New submits get `ShuttingDown`; running and queued requests continue.
+    pub fn begin_shutdown(&self) {
+        self.inner
+            .shared
+            .shutting_down
+            .store(true, Ordering::SeqCst);
+    }
+
+    /// Ends every running and waiting request with `FinishReason::Abort`.
+    pub fn abort_all(&self) {
+        self.inner.shared.abort_all.store(true, Ordering::SeqCst);
+        if let Some(sender) = &self.inner.sender {
+            // Wake an idle engine; a full queue means it is busy and checks the flag anyway.
+            let _ = sender.try_send(Command::Wake);
+        }
+    }
+}
+
+/// Rejects what can never run, with vLLM's wording for the context limit.
+pub(crate) fn validate(req: &GenerateRequest, limits: &Limits) -> Result<(), SubmitError> {
+    let p = req.prompt_token_ids.len();
+    let m = req.stop.max_tokens;
+    if p == 0 {
+        return Err(invalid(
+            "the prompt must contain at least one token".into(),
+            "prompt",
+            None,
+        ));
+    }
+    if let Some(&bad) = req
+        .prompt_token_ids
+        .iter()
+        .find(|&&t| t as usize >= limits.vocab_size)
+    {
+        return Err(invalid(
+            format!(
+                "token id {bad} is out of vocabulary (vocab size {})",
+                limits.vocab_size
+            ),
+            "prompt",
+            None,
+        ));
+    }
+    if p + m > limits.max_model_len {
+        return Err(invalid(
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({p} in the prompt, {m} for the completion). Please reduce the length of the prompt or completion.",
+                limits.max_model_len,
+                p + m
+            ),
+            if m == 0 { "prompt" } else { "max_tokens" },
+            Some("context_length_exceeded"),
+        ));
+    }
+    let needed = blocks_for(p + m, limits.block_size);
+    if needed > limits.num_blocks {
+        return Err(invalid(
+            format!(
+                "the request needs {} tokens of KV cache ({p} in the prompt, {m} for the completion) but the whole cache holds {}",
+                p + m,
+                limits.num_blocks * limits.block_size
+            ),
+            "max_tokens",
+            Some("context_length_exceeded"),
+        ));
+    }
+    if req.n == 0 {
+        return Err(invalid("n must be at least 1".into(), "n", None));
+    }
+    if req.best_of < req.n {
+        return Err(invalid(
+            format!("best_of ({}) must be at least n ({})", req.best_of, req.n),
+            "best_of",
+            None,
+        ));
+    }
+    for (value, param) in [
+        (req.logprobs, "logprobs"),
+        (req.prompt_logprobs, "prompt_logprobs"),
+    ] {
+        if value.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(invalid(
+                format!("{param} must be at most {MAX_TOP_LOGPROBS}"),
+                param,
+                None,
+            ));
+        }
+    }
+    let s = &req.sampling;
+    if !(s.temperature >= 0.0
+        && s.top_p > 0.0
+        && s.top_p <= 1.0
+        && s.min_p >= 0.0
+        && s.min_p <= 1.0)
+    {
+        return Err(invalid(
+            "temperature must be ≥ 0, top_p in (0, 1], min_p in [0, 1]".into(),
+            "temperature",
+            None,
+        ));
+    }
+    if s.repetition_penalty <= 0.0 {
+        return Err(invalid(
+            "repetition_penalty must be > 0".into(),
+            "repetition_penalty",
+            None,
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! End-to-end engine tests on the bundled demo model: batching never changes a request's
+//! tokens, a starved KV pool preempts without changing outputs, stops and cancellation behave.
+
+use std::time::{Duration, Instant};
+
+use mpt_engine::{
+    EngineConfig, EngineHandle, Event, EventStream, FinishReason, GenerateRequest, KvCacheSize,
+    SamplingParams, StopConditions, SubmitError,
+};
+
+fn engine(f: impl FnOnce(&mut EngineConfig)) -> EngineHandle {
+    let mut config = EngineConfig {
+        kv_cache: KvCacheSize::Blocks(512),
+        threads: Some(2),
+        ..Default::default()
+    };
+    f(&mut config);
+    EngineHandle::start(config).expect("demo engine starts")
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "t".into(),
+        prompt_token_ids: prompt,
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        n: 1,
+        best_of: 1,
+        logprobs: None,
+        prompt_logprobs: None,
+    }
+}
+
+/// Everything one request produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Output {
+    tokens: Vec<Vec<u32>>,
+    text: Vec<String>,
+    finish: Vec<Option<FinishReason>>,
+    completed: bool,
+    prompt_logprobs: usize,
+}
+
+fn collect(mut stream: EventStream) -> Output {
+    let mut out = Output::default();
+    while let Some(event) = stream.blocking_recv() {
+        match event {
+            Event::Delta(d) => {
+                if out.tokens.len() <= d.index {
+                    out.tokens.resize(d.index + 1, Vec::new());
+                    out.text.resize(d.index + 1, String::new());
+                    out.finish.resize(d.index + 1, None);
+                }
+                out.tokens[d.index].extend(&d.token_ids);
+                out.text[d.index].push_str(&d.text);
+            }
+            Event::ChoiceFinished { index, reason } => {
+                if out.finish.len() <= index {
+                    out.finish.resize(index + 1, None);
+                }
+                assert!(
+                    out.finish[index].replace(reason).is_none(),
+                    "one finish per choice"
+                );
+            }
+            Event::PromptLogprobs(lp) => out.prompt_logprobs = lp.len(),
+            Event::Completed { .. } => {
+                out.completed = true;
+                break;
+            }
+            Event::Failed(message) => panic!("request failed: {message}"),
+        }
+    }
+    out
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (seed * 7919 + i * 104_729) % 50_000 + 1)
+        .collect()
+}
+
+fn wait_until(engine: &EngineHandle, what: &str, cond: impl Fn(&mpt_engine::EngineStats) -> bool) {
+    let start = Instant::now();
+    while !cond(&engine.stats()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {:?}",
+            engine.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn solo_and_batched(e: &EngineHandle, reqs: &[GenerateRequest]) -> (Vec<Output>, Vec<Output>) {
+    let solo: Vec<Output> = reqs
+        .iter()
+        .map(|r| collect(e.submit(r.clone()).expect("accepted")))
+        .collect();
+    let streams: Vec<EventStream> = reqs
+        .iter()
+        .map(|r| e.submit(r.clone()).expect("accepted"))
+        .collect();
+    let batched = streams.into_iter().map(collect).collect();
+    (solo, batched)
+}
+
+#[test]
+fn sixteen_concurrent_greedy_requests_match_solo_runs() {
+    let e = engine(|c| c.max_num_batched_tokens = 64); // forces chunked prefill too
+    let reqs: Vec<GenerateRequest> = (0..18)
+        .map(|i| {
+            request(
+                prompt(i, 1 + (i as usize * 13) % 90),
+                4 + (i as usize * 5) % 30,
+            )
+        })
+        .collect();
+    let (solo, batched) = solo_and_batched(&e, &reqs);
+    for (i, (s, b)) in solo.iter().zip(&batched).enumerate() {
+        assert!(s.completed && b.completed);
+        assert_eq!(s.tokens[0].len(), reqs[i].stop.max_tokens);
+        assert_eq!(s, b, "request {i} differs when batched");
+    }
+    wait_until(&e, "idle", |s| s.kv_blocks_used == 0 && s.num_running == 0);
+}
+
+#[test]
+fn seeded_sampling_is_the_same_alone_and_batched() {
+    let e = engine(|_| {});
+    let reqs: Vec<GenerateRequest> = (0..8)
+        .map(|i| {
+            let mut r = request(prompt(100 + i, 5 + i as usize * 3), 20);
+            r.sampling = SamplingParams {
+                temperature: 1.0,
+                top_p: 0.95,
+                seed: Some(i as u64),
+                ..Default::default()
+            };
+            r
+        })
+        .collect();
+    let (solo, batched) = solo_and_batched(&e, &reqs);
+    assert_eq!(solo, batched);
+    // Different seeds give different streams (the sampler really samples).
+    assert_ne!(solo[0].tokens, solo[1].tokens);
+}
+
+#[test]
+fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
+    // Each request needs 10 + 30 tokens = 10 blocks of 4; the pool holds 14.
+    let reqs: Vec<GenerateRequest> = (0..8).map(|i| request(prompt(200 + i, 10), 30)).collect();
+    let roomy = engine(|c| c.block_size = 4);
+    let expected: Vec<Output> = reqs
+        .iter()
+        .map(|r| collect(roomy.submit(r.clone()).expect("ok")))
+        .collect();
+    let tight = engine(|c| {
+        c.block_size = 4;
+        c.kv_cache = KvCacheSize::Blocks(14);
+    });
+    let streams: Vec<EventStream> = reqs
+        .iter()
+        .map(|r| tight.submit(r.clone()).expect("ok"))
+        .collect();
+    let got: Vec<Output> = streams.into_iter().map(collect).collect();
+    assert_eq!(got, expected);
+    let stats = tight.stats();
+    assert!(stats.num_preemptions > 0, "{stats:?}");
+    wait_until(&tight, "blocks back", |s| s.kv_blocks_used == 0);
+}
+
+#[test]
+fn stop_string_across_a_token_boundary_is_cut_in_streamed_text() {
+    let e = engine(|_| {});
+    let base = request(prompt(300, 8), 40);
+    let full = collect(e.submit(base.clone()).expect("ok"));
+    let tok = e.tokenizer();
+    // Find two consecutive tokens with visible text and build a stop string spanning them.
+    let ids = &full.tokens[0];
+    let texts: Vec<String> = ids
+        .iter()
+        .map(|&t| tok.decode(&[t]).expect("decode"))
+        .collect();
+    let i = (5..ids.len() - 1)
+        .find(|&i| {
+            let (a, b) = (&texts[i], &texts[i + 1]);
+            !a.is_empty() && !b.is_empty() && !a.contains('\u{FFFD}') && !b.contains('\u{FFFD}')
+        })
+        .expect("two printable consecutive tokens");
+    let a_last: String = texts[i]
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let b_first: String = texts[i + 1].chars().take(2).collect();
+    let stop = format!("{a_last}{b_first}");
+    let whole = &full.text[0];
+    let cut = whole.find(&stop).expect("stop string occurs in the output");
+    let mut r = base.clone();
+    r.stop.stop_strings = vec![stop.clone()];
+    let out = collect(e.submit(r).expect("ok"));
+    assert_eq!(out.text[0], whole[..cut], "stop {stop:?}");
+    assert_eq!(out.finish[0], Some(FinishReason::Stop));
+    assert!(!out.text[0].contains(&stop));
+}
+
+#[test]
+fn cancelling_frees_blocks_while_running_and_while_waiting() {
+    let e = engine(|c| c.max_num_seqs = 1);
+    let mut running = e.submit(request(prompt(400, 20), 1500)).expect("ok");
+    let waiting = e.submit(request(prompt(401, 20), 1500)).expect("ok");
+    // Wait for the first token of the running one, then drop both.
+    while !matches!(running.blocking_recv(), Some(Event::Delta(_))) {}
+    wait_until(&e, "blocks in use", |s| {
+        s.kv_blocks_used > 0 && s.num_waiting == 1
+    });
+    drop(waiting);
+    drop(running);
+    wait_until(&e, "blocks freed", |s| {
+        s.kv_blocks_used == 0 && s.num_running == 0 && s.num_waiting == 0
+    });
+    // The engine keeps serving.
+    assert!(collect(e.submit(request(prompt(402, 3), 2)).expect("ok")).completed);
+}
+
+#[test]
+fn n_and_best_of_fork_from_one_prefill() {
+    let e = engine(|c| c.block_size = 4);
+    let solo = collect(e.submit(request(prompt(500, 10), 12)).expect("ok"));
+    let mut r = request(prompt(500, 10), 12);
+    r.n = 3;
+    r.best_of = 3;
+    let out = collect(e.submit(r.clone()).expect("ok"));
+    assert_eq!(out.tokens.len(), 3);
+    for t in &out.tokens {
+        assert_eq!(*t, solo.tokens[0], "greedy forks agree with the solo run");
+    }
+    r.sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(5),
+        ..Default::default()
+    };
+    r.n = 2;
+    r.best_of = 4;
+    let a = collect(e.submit(r.clone()).expect("ok"));
+    let b = collect(e.submit(r).expect("ok"));
+    assert_eq!(a, b, "seeded best_of is reproducible");
+    assert_eq!((a.tokens.len(), a.finish.len()), (2, 2));
+    assert!(a.finish.iter().all(|f| *f == Some(FinishReason::Length)));
+    wait_until(&e, "idle", |s| s.kv_blocks_used == 0);
+}
+
+#[test]
+fn prompt_logprobs_and_max_tokens_zero() {
+    let e = engine(|_| {});
+    let mut r = request(prompt(600, 7), 0);
+    r.prompt_logprobs = Some(2);
+    let out = collect(e.submit(r).expect("ok"));
+    assert_eq!(out.prompt_logprobs, 7);
+    assert_eq!(out.finish, vec![Some(FinishReason::Length)]);
+    assert!(out.completed);
+}
+
+#[test]
+fn submit_rejects_what_can_never_run() {
+    let e = engine(|c| c.max_model_len = Some(100));
+    let err = e.submit(request(prompt(0, 60), 50)).expect_err("too long");
+    match err {
+        SubmitError::Invalid { message, code, .. } => {
+            assert_eq!(code.as_deref(), Some("context_length_exceeded"));
+            assert_eq!(
+                message,
+                "This model's maximum context length is 100 tokens. However, you requested 110 tokens (60 in the prompt, 50 for the completion). Please reduce the length of the prompt or completion."
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let bad = e.submit(request(vec![1, 60_000], 1)).expect_err("bad id");
+    assert!(matches!(bad, SubmitError::Invalid { param: Some(ref p), .. } if p == "prompt"));
+    let small = engine(|c| {
+        c.block_size = 4;
+        c.kv_cache = KvCacheSize::Blocks(3);
+    });
+    assert!(matches!(
+        small.submit(request(prompt(1, 10), 5)),
+        Err(SubmitError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn queue_full_shutdown_and_abort_all() {
+    let e = engine(|c| {
+        c.max_num_seqs = 1;
+        c.max_queue_size = 2;
+    });
+    let mut streams = Vec::new();
+    let mut full = 0;
+    for i in 0..5 {
+        match e.submit(request(prompt(700 + i, 5), 1000)) {
+            Ok(s) => streams.push(s),
+            Err(SubmitError::QueueFull) => full += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(full > 0, "at most 2 may wait behind the one running");
+    e.begin_shutdown();
+    assert_eq!(
+        e.submit(request(prompt(9, 3), 1)).expect_err("draining"),
+        SubmitError::ShuttingDown
+    );
+    e.abort_all();
+    for s in streams {
+        let out = collect(s);
+        assert!(out.completed);
+        assert_eq!(
+            out.finish.last().copied().flatten(),
+            Some(FinishReason::Abort)
+        );
+    }
+    assert!(e.is_alive());
+}
