@@ -27,14 +27,15 @@ FROM debian:bookworm-slim AS skeleton
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY . .
-# Keep the manifests; give each package an empty lib and main, and an empty file at every target
-# path a manifest names, so that cargo can resolve and compile every dependency without our code.
+# Keep the manifests; give each package an empty lib and main, and an empty `fn main` at every
+# target or build-script path a manifest names, so that cargo can resolve and compile every
+# dependency without our code.
 RUN find . -type f ! -name Cargo.toml ! -name Cargo.lock ! -name rust-toolchain.toml -delete \
     && find . -name Cargo.toml | while read -r manifest; do \
         dir=$(dirname "$manifest"); \
         grep -q '^\[package\]' "$manifest" || continue; \
         mkdir -p "$dir/src" && touch "$dir/src/lib.rs" && echo 'fn main() {}' > "$dir/src/main.rs"; \
-        sed -n 's/^path *= *"\(.*\.rs\)".*/\1/p' "$manifest" | while read -r target; do \
+        sed -n 's/^\(path\|build\) *= *"\(.*\.rs\)".*/\2/p' "$manifest" | while read -r target; do \
             mkdir -p "$(dirname "$dir/$target")" && echo 'fn main() {}' > "$dir/$target"; \
         done; \
     done
