@@ -1,8 +1,341 @@
 //! mpt-server: the OpenAI-compatible HTTP API over the MPT engine.
+//!
+//! [`app`] builds the router from an [`AppState`] (tests can drive it without a socket);
+//! [`run`] binds, loads the model in the background (probes answer meanwhile), serves, and on
+//! SIGTERM/SIGINT drains and returns; [`start`] does the same for tests and embedders, handing
+//! back the bound address and a shutdown trigger.
+//!
+//! Invariants: the engine runs on its own thread, never on a tokio worker; the listener keeps
+//! accepting while draining so late requests get a 503 instead of a refused connection; `run`
+//! returns `Ok` after a clean drain.
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod metrics;
 pub mod openai;
+pub mod routes;
+pub mod shutdown;
 pub mod sse;
+pub mod state;
 pub mod validation;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use mpt_engine::{EngineError, EngineHandle};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::config::{ConfigError, LogFormat, ServerConfig};
+use crate::error::ApiError;
+use crate::routes::chat::ChatTemplate;
+use crate::state::{AppState, Loaded, StateConfig};
+
+/// Longest wait for a client to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a client to send its request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long open connections get to finish after the drain before the server exits.
+pub const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The address could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The model failed to load.
+    #[error("cannot start the engine: {0}")]
+    Engine(#[from] EngineError),
+    /// The model's chat template does not compile.
+    #[error("invalid chat_template in tokenizer_config.json: {0}")]
+    ChatTemplate(String),
+    /// The engine loader thread panicked.
+    #[error("the engine loader panicked")]
+    LoaderPanicked,
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string());
+    ApiError::Internal(format!("handler panicked: {detail}")).into_response()
+}
+
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+/// The router with every route and middleware; CORS only when origins are configured.
+pub fn app(state: AppState) -> Router {
+    let cors_allow_origin = state.config().cors_allow_origin.clone();
+    use routes::*;
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let router = Router::new()
+        .merge(v1)
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state);
+    if cors_allow_origin.is_empty() {
+        router
+    } else {
+        router.layer(cors_layer(&cors_allow_origin))
+    }
+}
+
+/// Sets up `tracing` output (text or JSON), filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads the engine (blocking; call on a blocking thread) and prepares what the routes need.
+fn load(config: &ServerConfig) -> Result<Loaded, ServerError> {
+    let engine = EngineHandle::start(config.engine_config())?;
+    let info = engine.model_info().clone();
+    let chat_template = ChatTemplate::new(info.chat_template.as_deref())
+        .map_err(|e| ServerError::ChatTemplate(e.to_string()))?;
+    let im_end_id = engine.tokenizer().token_to_id(routes::chat::IM_END);
+    tracing::info!(
+        max_model_len = info.max_model_len,
+        vocab_size = info.vocab_size,
+        chat_template = if chat_template.is_custom() {
+            "model"
+        } else {
+            "chatml"
+        },
+        "model loaded"
+    );
+    Ok(Loaded {
+        engine,
+        chat_template,
+        im_end_id,
+    })
+}
+
+/// A server started by [`start`].
+pub struct RunningServer {
+    addr: SocketAddr,
+    state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (metrics, in-flight count).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Triggers the same drain as SIGTERM and waits for the server to stop.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.map_err(|_| ServerError::LoaderPanicked)?
+    }
+}
+
+/// Binds `host:port` (port 0 picks one), loads the model and waits until it is ready to serve.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let listener = bind(&config).await?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: format!("{}:{}", config.host, config.port),
+        source,
+    })?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+    let state = new_state(&config);
+    let task = tokio::spawn(serve(
+        config,
+        listener,
+        state.clone(),
+        Some(ready_tx),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut server = RunningServer {
+        addr,
+        state,
+        stop: Some(stop),
+        task,
+    };
+    // Wait for the model (or for the server task to fail).
+    if ready_rx.wait_for(|ready| *ready).await.is_err() {
+        let task = std::mem::replace(&mut server.task, tokio::spawn(async { Ok(()) }));
+        return match task.await {
+            Ok(Err(e)) => Err(e),
+            _ => Err(ServerError::LoaderPanicked),
+        };
+    }
+    Ok(server)
+}
+
+/// Binds, serves and drains on SIGTERM/SIGINT; `Ok` after a clean shutdown.
+pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
+    let listener = bind(&config).await?;
+    let state = new_state(&config);
+    serve(config, listener, state, None, shutdown::signal()).await
+}
+
+fn new_state(config: &ServerConfig) -> AppState {
+    AppState::new(StateConfig {
+        model_name: config.served_model_name.clone(),
+        api_key: config.api_key.clone(),
+        max_inflight: config.max_num_seqs.saturating_add(config.max_queue_size),
+        cors_allow_origin: config.cors_allow_origin.clone(),
+    })
+}
+
+async fn bind(config: &ServerConfig) -> Result<TcpListener, ServerError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    state: AppState,
+    ready: Option<watch::Sender<bool>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    tracing::info!(config = %config.redacted(), "starting mpt-server");
+    if config.model.is_none() {
+        tracing::warn!(
+            "no --model given: serving the bundled demo model `{}` (tiny random weights, its output is gibberish)",
+            config.served_model_name
+        );
+    }
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening (the model is loading; /ready turns 200 when it is loaded)");
+    }
+    let router = app(state.clone());
+    let load_config = config.clone();
+    let mut loader = tokio::task::spawn_blocking(move || load(&load_config));
+    let mut loading = true;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let drain_state = state.clone();
+    let shutdown_timeout = config.shutdown_timeout;
+    let drained = async move {
+        shutdown.await;
+        shutdown::drain(&drain_state, shutdown_timeout).await;
+    };
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = TowerToHyperService::new(router.clone());
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            loaded = &mut loader, if loading => {
+                loading = false;
+                match loaded {
+                    Ok(Ok(loaded)) => {
+                        state.set_loaded(loaded);
+                        if let Some(ready) = &ready {
+                            let _ = ready.send(true);
+                        }
+                        tracing::info!("ready");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "model failed to load");
+                        return Err(e);
+                    }
+                    Err(_) => return Err(ServerError::LoaderPanicked),
+                }
+            }
+            _ = &mut drained => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(CONNECTION_CLOSE_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections were still open at exit");
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
