@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Send load to one server and report latency and throughput per level.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Compare result files of two servers: markdown table of ratios and a chart.
     Compare(CompareArgs),
 }
@@ -47,7 +47,7 @@ pub struct RunArgs {
     /// Poisson arrival rates in requests/s, one level per value (instead of --concurrency).
     #[arg(long, value_delimiter = ',')]
     pub request_rate: Vec<f64>,
-    /// Requests per level [default: max(8, 4 × concurrency); 32 for a rate].
+    /// Requests per level [default: max(8, 2 × concurrency); 32 for a rate].
     #[arg(long)]
     pub num_requests: Option<usize>,
     /// Prompt length in tokens: `N` or a uniform range `LO:HI`.
@@ -147,7 +147,7 @@ impl RunArgs {
     /// Requests to send for `load`.
     pub fn requests_for(&self, load: Load) -> usize {
         self.num_requests.unwrap_or(match load {
-            Load::Concurrency(c) => (4 * c).max(8),
+            Load::Concurrency(c) => (2 * c).max(8),
             Load::RequestRate(_) => 32,
         })
     }
@@ -196,7 +196,7 @@ mod tests {
         let mut all = vec!["mpt-bench", "run"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).map(|c| match c.command {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
             Command::Compare(_) => panic!("expected run"),
         })
     }
@@ -214,7 +214,7 @@ mod tests {
         );
         assert_eq!(a.prompt_tokens, Length::Uniform(64, 128));
         assert_eq!(a.requests_for(Load::Concurrency(1)), 8);
-        assert_eq!(a.requests_for(Load::Concurrency(16)), 64);
+        assert_eq!(a.requests_for(Load::Concurrency(16)), 32);
         assert_eq!(a.label(), "127.0.0.1:8000");
         assert!(a.check_times().is_ok());
 

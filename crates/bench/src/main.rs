@@ -27,7 +27,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(run(args))
+            runtime.block_on(run(*args))
         }
         Command::Compare(args) => compare(args),
     }

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Reproduces the mpt-serve vs llama.cpp `llama-server` comparison from package registries alone.
+#
+#   bench/compare.sh            # everything: checkpoint, llama.cpp build, conversion, both runs
+#
+# Steps (each skipped when its output already exists under $BENCH_WORK):
+#   1. a random-weight ~125M MPT checkpoint (bench/make_checkpoint.py; torch + transformers)
+#   2. llama.cpp from the llama-cpp-python sdist on PyPI (vendor/llama.cpp), llama-server built
+#      with cmake (CPU, Release; cmake from PyPI when missing) — ~10+ min on 2 cores
+#   3. the checkpoint converted to GGUF f32 with the vendored convert_hf_to_gguf.py
+#   4. our mpt-server and mpt-bench built (cargo, release)
+#   5. each server started alone on loopback with the same threads and parallel sequences, the
+#      same mpt-bench load sent to it (same seed → byte-identical requests), then stopped
+#   6. a markdown table of ratios (ours vs llama-server) and a chart
+#
+# Settings (environment): BENCH_WORK (default target/bench), BENCH_OUT (default
+# $BENCH_WORK/results), BENCH_THREADS (2), BENCH_PARALLEL (16), BENCH_PYTHON (a python with
+# tests/fixtures/requirements.txt installed; default .venv-ref, else a new venv), BENCH_PORT_OURS
+# (18000), BENCH_PORT_LLAMA (18080), LLAMA_CPP_PYTHON (the pinned sdist version),
+# BENCH_ONLY (ours|llama to run one server), BENCH_QUICK=1 (fewer requests: a smoke run).
+# Every step has a time limit; every bench level stops by itself (request count + time cap).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${BENCH_WORK:-$ROOT/target/bench}
+OUT=${BENCH_OUT:-$WORK/results}
+THREADS=${BENCH_THREADS:-2}
+PARALLEL=${BENCH_PARALLEL:-16}
+PORT_OURS=${BENCH_PORT_OURS:-18000}
+PORT_LLAMA=${BENCH_PORT_LLAMA:-18080}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
+CMAKE_VERSION=4.4.4
+MODEL_NAME=mpt-125m
+CKPT=$WORK/$MODEL_NAME
+GGUF=$WORK/$MODEL_NAME-f32.gguf
+SRC=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON
+LLAMA=$SRC/vendor/llama.cpp
+BUILD=$WORK/llama-build-$LLAMA_CPP_PYTHON
+LLAMA_SERVER=$BUILD/bin/llama-server
+BENCH=$ROOT/target/release/mpt-bench
+SERVER=$ROOT/target/release/mpt-server
+
+log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+mkdir -p "$WORK" "$OUT"
+
+# ---- python -----------------------------------------------------------------------------------
+if [[ -n ${BENCH_PYTHON:-} ]]; then
+  PY=$BENCH_PYTHON
+elif [[ -x $ROOT/.venv-ref/bin/python ]]; then
+  PY=$ROOT/.venv-ref/bin/python
+else
+  if [[ ! -x $WORK/venv/bin/python ]]; then
+    log "creating $WORK/venv (torch from PyPI is large: several GB)"
+    python3 -m venv "$WORK/venv"
+    timeout 3600 "$WORK/venv/bin/pip" install -q -r "$ROOT/tests/fixtures/requirements.txt"
+  fi
+  PY=$WORK/venv/bin/python
+fi
+# The converter's one import beyond the fixtures' stack: gguf-py reads YAML. Pinned; installed
+# only when missing.
+if ! "$PY" -c 'import yaml' 2>/dev/null; then
+  log "installing the converter's dependency pyyaml"
+  timeout 900 "$PY" -m pip install -q pyyaml==6.0.3
+fi
+
+# ---- 1. checkpoint ----------------------------------------------------------------------------
+log "checkpoint: $CKPT"
+timeout 900 "$PY" "$ROOT/bench/make_checkpoint.py" --out "$CKPT"
+
+# ---- 2. llama.cpp source and build --------------------------------------------------------------
+if [[ ! -d $LLAMA ]]; then
+  log "downloading llama-cpp-python==$LLAMA_CPP_PYTHON sdist from PyPI"
+  mkdir -p "$WORK/dl"
+  # --no-binary for this package only: with :all: pip would also build its build tools from source.
+  timeout 1800 "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python \
+    "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$WORK/dl"
+  tar xzf "$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$WORK"
+  [[ -d $LLAMA ]] || die "no vendor/llama.cpp in the sdist"
+fi
+if [[ ! -x $LLAMA_SERVER ]]; then
+  CMAKE=$(command -v cmake || true)
+  if [[ -z $CMAKE ]]; then
+    # cmake from PyPI (a wheel with the binary), in its own small venv.
+    CMAKE=$WORK/cmake-venv/bin/cmake
+    if [[ ! -x $CMAKE ]]; then
+      log "installing cmake==$CMAKE_VERSION from PyPI into $WORK/cmake-venv"
+      python3 -m venv "$WORK/cmake-venv"
+      timeout 900 "$WORK/cmake-venv/bin/pip" install -q --only-binary :all: "cmake==$CMAKE_VERSION"
+    fi
+  fi
+  log "building llama-server (CPU, Release, -j$THREADS, nice 15): ~10+ min on 2 cores"
+  nice -n 15 timeout 600 "$CMAKE" -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >"$WORK/llama-cmake.log" 2>&1 \
+    || die "cmake configure failed: see $WORK/llama-cmake.log"
+  nice -n 15 timeout 3600 "$CMAKE" --build "$BUILD" --target llama-server -j "$THREADS" \
+    >"$WORK/llama-build.log" 2>&1 || die "llama-server build failed: see $WORK/llama-build.log"
+fi
+
+# ---- 3. GGUF ------------------------------------------------------------------------------------
+if [[ ! -f $GGUF ]]; then
+  log "converting to GGUF f32: $GGUF"
+  PYTHONPATH=$LLAMA/gguf-py${PYTHONPATH:+:$PYTHONPATH} timeout 1200 "$PY" \
+    "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype f32 --outfile "$GGUF.tmp"
+  mv "$GGUF.tmp" "$GGUF"
+fi
+
+# ---- 4. our binaries ----------------------------------------------------------------------------
+log "building mpt-server and mpt-bench (release)"
+(cd "$ROOT" && timeout 3600 cargo build --release -q -p mpt-server -p mpt-bench)
+
+# ---- 5. the runs ----------------------------------------------------------------------------------
+SERVER_PID=
+stop_server() {
+  if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=
+}
+trap stop_server EXIT INT TERM
+
+wait_ready() { # port, log file
+  for _ in $(seq 1 300); do
+    if curl -sf -o /dev/null "http://127.0.0.1:$1/health"; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited: see $2"
+    sleep 1
+  done
+  die "server on port $1 not ready after 300 s: see $2"
+}
+
+if [[ ${BENCH_QUICK:-0} == 1 ]]; then
+  DECODE_REQ=(--num-requests 4); PREFILL_REQ=(--num-requests 3); CAP=60
+else
+  DECODE_REQ=(); PREFILL_REQ=(--num-requests 8); CAP=240
+fi
+
+run_load() { # label, port
+  local label=$1 port=$2 dir=$OUT/$1
+  mkdir -p "$dir"
+  local common=(--url "http://127.0.0.1:$port/v1/completions" --model "$MODEL_NAME"
+    --label "$label" --seed 1 --warmup 2 --max-duration "$CAP" --grace 60
+    --request-timeout 300 --no-progress)
+  log "$label: decode, prompt 128 / output 128, concurrency 1,4,16"
+  "$BENCH" run "${common[@]}" --scenario decode --prompt-tokens 128 --output-tokens 128 \
+    --concurrency 1,4,"$PARALLEL" "${DECODE_REQ[@]}" --output "$dir/decode.json" \
+    | tee "$dir/decode.txt"
+  log "$label: prefill, prompt 512 / output 1, concurrency 1"
+  "$BENCH" run "${common[@]}" --scenario prefill --prompt-tokens 512 --output-tokens 1 \
+    --concurrency 1 "${PREFILL_REQ[@]}" --output "$dir/prefill.json" | tee "$dir/prefill.txt"
+}
+
+if [[ ${BENCH_ONLY:-ours} != llama ]]; then
+  log "starting mpt-server on 127.0.0.1:$PORT_OURS (threads $THREADS, max-num-seqs $PARALLEL)"
+  "$SERVER" --model "$CKPT" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
+    --port "$PORT_OURS" --threads "$THREADS" --max-num-seqs "$PARALLEL" --dtype f32 \
+    >"$OUT/mpt-server.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$PORT_OURS" "$OUT/mpt-server.log"
+  run_load mpt-serve "$PORT_OURS"
+  stop_server
+fi
+
+if [[ ${BENCH_ONLY:-llama} != ours ]]; then
+  log "starting llama-server on 127.0.0.1:$PORT_LLAMA (threads $THREADS, -np $PARALLEL, -cb)"
+  # -c: 1024 tokens of context per parallel sequence (prompt 512 + output, or 128 + 128).
+  "$LLAMA_SERVER" -m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA" \
+    -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * 1024)) \
+    >"$OUT/llama-server.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$PORT_LLAMA" "$OUT/llama-server.log"
+  run_load llama-server "$PORT_LLAMA"
+  stop_server
+fi
+
+# ---- 6. the table ---------------------------------------------------------------------------------
+if [[ -f $OUT/mpt-serve/decode.json && -f $OUT/llama-server/decode.json ]]; then
+  "$BENCH" compare \
+    --candidate "$OUT/mpt-serve/decode.json" --baseline "$OUT/llama-server/decode.json" \
+    --candidate "$OUT/mpt-serve/prefill.json" --baseline "$OUT/llama-server/prefill.json" \
+    --output "$OUT/comparison.md" --chart "$OUT/benchmark-decode.png"
+  {
+    echo
+    echo "Machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores;" \
+      "threads $THREADS, parallel sequences $PARALLEL; llama-cpp-python $LLAMA_CPP_PYTHON sdist."
+  } >>"$OUT/comparison.md"
+  log "table: $OUT/comparison.md, chart: $OUT/benchmark-decode.png"
+fi
