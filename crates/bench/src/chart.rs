@@ -74,15 +74,53 @@ const PANELS: [Panel; 3] = [
     }),
 ];
 
-/// Points of one series for one panel, sorted by load.
-fn points(run: &RunResult, get: fn(&LevelResult) -> Option<f64>) -> Vec<(f64, f64)> {
+/// Every load any run measured, ascending: the chart puts them at evenly spaced positions
+/// (1, 4, 16 streams read better evenly spaced than on a linear axis).
+fn load_axis(runs: &[RunResult]) -> Vec<f64> {
+    let mut xs: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.levels.iter().map(|l| l.load.x()))
+        .collect();
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.dedup();
+    xs
+}
+
+/// Points of one series for one panel: (position on the load axis, value), sorted by load.
+fn points(run: &RunResult, axis: &[f64], get: fn(&LevelResult) -> Option<f64>) -> Vec<(f64, f64)> {
     let mut pts: Vec<(f64, f64)> = run
         .levels
         .iter()
-        .filter_map(|l| get(l).filter(|v| v.is_finite()).map(|v| (l.load.x(), v)))
+        .filter_map(|l| {
+            let pos = axis.iter().position(|&x| x == l.load.x())?;
+            get(l).filter(|v| v.is_finite()).map(|v| (pos as f64, v))
+        })
         .collect();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     pts
+}
+
+/// Tick label of an axis position: the load there, or nothing between levels.
+fn tick_label(axis: &[f64], pos: f64) -> String {
+    let i = pos.round();
+    if (pos - i).abs() > 1e-6 || i < 0.0 || i as usize >= axis.len() {
+        return String::new();
+    }
+    let x = axis[i as usize];
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Tick label of a value axis.
+fn value_label(y: f64) -> String {
+    if y.abs() >= 10.0 || y == 0.0 {
+        format!("{y:.0}")
+    } else {
+        format!("{y:.1}")
+    }
 }
 
 /// Draws the chart of `runs` into an RGB buffer of `WIDTH`×`HEIGHT`.
@@ -99,26 +137,28 @@ pub fn render(title: &str, runs: &[RunResult]) -> Result<Vec<u8>, ChartError> {
             Some(Load::RequestRate(_)) => "request rate (req/s)",
             _ => "concurrent streams",
         };
-        let x_max = runs
-            .iter()
-            .flat_map(|r| r.levels.iter().map(|l| l.load.x()))
-            .fold(1.0f64, f64::max);
+        let axis = load_axis(runs);
+        let x_last = axis.len().max(1) as f64 - 1.0;
         for (area, (name, unit, get)) in root.split_evenly((1, 3)).iter().zip(PANELS) {
             let y_max = runs
                 .iter()
-                .flat_map(|r| points(r, get))
+                .flat_map(|r| points(r, &axis, get))
                 .map(|p| p.1)
                 .fold(0.0f64, f64::max);
-            let y_top = if y_max > 0.0 { y_max * 1.15 } else { 1.0 };
+            let y_top = if y_max > 0.0 { y_max * 1.25 } else { 1.0 };
             let mut chart = ChartBuilder::on(area)
                 .caption(name, ("sans-serif", 20).into_font())
                 .margin(14)
                 .x_label_area_size(44)
                 .y_label_area_size(64)
-                .build_cartesian_2d(0.0..x_max * 1.08, 0.0..y_top)
+                .build_cartesian_2d(-0.4..x_last + 0.4, 0.0..y_top)
                 .map_err(err)?;
             chart
                 .configure_mesh()
+                .x_labels(axis.len().max(2))
+                .x_label_formatter(&|x| tick_label(&axis, *x))
+                .y_label_formatter(&|y| value_label(*y))
+                .disable_x_mesh()
                 .x_desc(x_desc)
                 .y_desc(unit)
                 .label_style(("sans-serif", 15).into_font())
@@ -127,7 +167,7 @@ pub fn render(title: &str, runs: &[RunResult]) -> Result<Vec<u8>, ChartError> {
                 .map_err(err)?;
             for (i, run) in runs.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
-                let pts = points(run, get);
+                let pts = points(run, &axis, get);
                 chart
                     .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
                     .map_err(err)?
@@ -204,6 +244,21 @@ mod tests {
             },
             levels,
         }
+    }
+
+    #[test]
+    fn loads_sit_at_even_positions_labelled_by_value() {
+        let runs = [run("a", 1.0)];
+        let axis = load_axis(&runs);
+        assert_eq!(axis, vec![1.0, 4.0, 16.0]);
+        assert_eq!(tick_label(&axis, 2.0), "16");
+        assert_eq!(tick_label(&axis, 0.5), "");
+        assert_eq!(tick_label(&axis, 3.0), "");
+        let pts = points(&runs[0], &axis, PANELS[0].2);
+        assert_eq!(
+            pts.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![0.0, 1.0, 2.0]
+        );
     }
 
     #[test]
