@@ -67,13 +67,15 @@ pub fn console_table(run: &RunResult) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} — {} ({})\n{:<12} {:>5} {:>5} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{} — {} ({})\n{:<12} {:>5} {:>5} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
         run.label,
         run.scenario,
         run.settings.url,
         "load",
         "ok",
         "fail",
+        "in tok",
+        "out tok",
         "req/s",
         "out tok/s",
         "ttft p50",
@@ -88,10 +90,12 @@ pub fn console_table(run: &RunResult) -> String {
     for l in &run.levels {
         let _ = writeln!(
             out,
-            "{:<12} {:>5} {:>5} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
+            "{:<12} {:>5} {:>5} {:>7} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9}",
             l.load.label(),
             l.completed,
             l.failed + l.cancelled,
+            num(l.mean_prompt_tokens),
+            num(Some(l.mean_output_tokens)),
             num(Some(l.request_throughput)),
             num(Some(l.output_throughput)),
             num(p50(&l.ttft_ms)),
@@ -180,6 +184,25 @@ pub fn compare_markdown(pairs: &[(RunResult, RunResult)]) -> String {
             let Some(bl) = b.levels.iter().find(|l| l.load == cl.load) else {
                 continue;
             };
+            // Both sides must have done the same work: server-reported tokens in / out, and
+            // requests completed / failed.
+            let work = |l: &LevelResult| {
+                format!(
+                    "{} / {} ({} ok, {} failed)",
+                    num(l.mean_prompt_tokens),
+                    num(Some(l.mean_output_tokens)),
+                    l.completed,
+                    l.failed + l.cancelled
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | tokens in / out per request | {} | {} | |",
+                c.scenario,
+                cl.load.label(),
+                work(cl),
+                work(bl)
+            );
             for (name, better, get) in metrics(cl) {
                 let (cv, bv) = (get(cl), get(bl));
                 let ratio = match (cv, bv) {
@@ -261,6 +284,11 @@ mod tests {
             .find(|l| l.contains("TTFT"))
             .expect("ttft row");
         assert!(row.ends_with("| 1.00× |"), "{row}");
+        let row = table
+            .lines()
+            .find(|l| l.contains("tokens in / out"))
+            .expect("work row");
+        assert!(row.contains("| 64.0 / 11.0 (1 ok, 0 failed) |"), "{row}");
         // A one-token run is compared on prefill speed: 64 tokens / 0.1 s.
         let table = compare_markdown(&[(run("ours", 50.0, 1), run("llama", 50.0, 1))]);
         assert!(
