@@ -13,9 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::config::EngineConfig;
+use candle_core::{DType, Device};
+
+use crate::config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource};
 use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::Mpt;
 use crate::sampling::MAX_TOP_LOGPROBS;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::blocks_for;
 use crate::step_loop::{self, Command, Submission};
 use crate::tokenizer::Tokenizer;
@@ -56,6 +61,22 @@ impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.alive.store(false, Ordering::SeqCst);
     }
+}
+
+/// What the engine thread reports back once loaded.
+pub(crate) struct Ready {
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) model_info: ModelInfo,
+    pub(crate) limits: Limits,
+}
+
+/// Everything the engine thread owns, freshly loaded.
+pub(crate) struct Loaded {
+    pub(crate) model: Mpt,
+    pub(crate) cache: KvCache,
+    pub(crate) sched: Scheduler,
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) eos: u32,
 }
 
 struct Inner {
@@ -320,4 +341,97 @@ pub(crate) fn validate(req: &GenerateRequest, limits: &Limits) -> Result<(), Sub
         ));
     }
     Ok(())
+}
+
+fn resolve_device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
+    }
+}
+
+fn resolve_dtype(spec: DTypeSpec, device: &Device) -> DType {
+    match spec {
+        DTypeSpec::Auto if device.is_cpu() => DType::F32,
+        DTypeSpec::Auto => DType::BF16,
+        DTypeSpec::F32 => DType::F32,
+        DTypeSpec::F16 => DType::F16,
+        DTypeSpec::Bf16 => DType::BF16,
+    }
+}
+
+/// `chat_template` from `tokenizer_config.json` (a string, or the entry named `default`).
+fn read_chat_template(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match json.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// Loads the model, tokenizer and KV cache described by `config`.
+pub(crate) fn load(config: &EngineConfig) -> Result<(Loaded, Ready)> {
+    let device = resolve_device(config.device)?;
+    let dtype = resolve_dtype(config.dtype, &device);
+    let model = Mpt::load(&config.model, &device, dtype)?;
+    let (tokenizer, model_dir) = match &config.model {
+        ModelSource::Demo => (Tokenizer::from_bytes(crate::demo::TOKENIZER_JSON)?, None),
+        ModelSource::Dir(dir) => (
+            Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+            Some(dir.clone()),
+        ),
+    };
+    let mcfg = model.config().clone();
+    let max_model_len = config.max_model_len.unwrap_or(mcfg.max_seq_len);
+    if max_model_len == 0 {
+        return Err(EngineError::setting("max_model_len", "must be at least 1"));
+    }
+    let num_blocks = match config.kv_cache {
+        KvCacheSize::Blocks(n) => n,
+        KvCacheSize::Bytes(bytes) => KvCache::blocks_for_bytes(&mcfg, config.block_size, bytes),
+    };
+    let cache = KvCache::new(&mcfg, num_blocks, config.block_size, &device)?;
+    let sched = Scheduler::new(SchedulerConfig {
+        num_blocks,
+        block_size: config.block_size,
+        max_num_seqs: config.max_num_seqs,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+        enable_prefix_caching: config.enable_prefix_caching,
+    });
+    let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
+    let model_info = ModelInfo {
+        max_model_len,
+        vocab_size: mcfg.vocab_size,
+        eos_token_id: eos,
+        chat_template: model_dir.as_deref().and_then(read_chat_template),
+        model_dir,
+    };
+    let limits = Limits {
+        max_model_len,
+        vocab_size: mcfg.vocab_size,
+        num_blocks,
+        block_size: config.block_size,
+        max_queue_size: config.max_queue_size,
+    };
+    let tokenizer = Arc::new(tokenizer);
+    let loaded = Loaded {
+        model,
+        cache,
+        sched,
+        tokenizer: Arc::clone(&tokenizer),
+        eos,
+    };
+    Ok((
+        loaded,
+        Ready {
+            tokenizer,
+            model_info,
+            limits,
+        },
+    ))
 }

@@ -16,22 +16,20 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource};
-use crate::error::{EngineError, Result};
-use crate::handle::{AliveGuard, Limits, Shared};
+use crate::config::EngineConfig;
+use crate::error::Result;
+use crate::handle::{AliveGuard, Loaded, Ready, Shared, load};
 use crate::kv_cache::KvCache;
 use crate::model::{LogitsWanted, Mpt, SeqChunk};
 use crate::sampling::{Sampler, derive_seed, token_logprob};
-use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
+use crate::scheduler::{ScheduledStep, Scheduler};
 use crate::sequence::{SeqId, SeqStatus};
 use crate::stop::OutputText;
 use crate::tokenizer::Tokenizer;
 use crate::types::{
-    Delta, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo, Timings, TokenLogprob,
-    Usage,
+    Delta, EngineStats, Event, FinishReason, GenerateRequest, Timings, TokenLogprob, Usage,
 };
 
 /// A request on its way into the engine.
@@ -49,13 +47,6 @@ pub(crate) enum Command {
     Wake,
 }
 
-/// What the engine reports back once loaded.
-pub(crate) struct Ready {
-    pub(crate) tokenizer: Arc<Tokenizer>,
-    pub(crate) model_info: ModelInfo,
-    pub(crate) limits: Limits,
-}
-
 /// Entry point of the engine thread.
 pub(crate) fn run(
     config: EngineConfig,
@@ -65,11 +56,11 @@ pub(crate) fn run(
 ) {
     let _alive = AliveGuard(Arc::clone(&shared));
     let pool = config_threads_pool(&config);
-    let body = move || match Engine::build(&config, shared) {
-        Ok((engine, info)) => {
+    let body = move || match load(&config) {
+        Ok((loaded, info)) => {
             let _ = ready.send(Ok(info));
             drop(ready);
-            engine.run(commands);
+            Engine::new(loaded, shared).run(commands);
         }
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -142,89 +133,15 @@ struct Engine {
     generation_tokens: u64,
 }
 
-fn resolve_device(spec: DeviceSpec) -> Result<Device> {
-    match spec {
-        DeviceSpec::Cpu => Ok(Device::Cpu),
-        DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
-    }
-}
-
-fn resolve_dtype(spec: DTypeSpec, device: &Device) -> DType {
-    match spec {
-        DTypeSpec::Auto if device.is_cpu() => DType::F32,
-        DTypeSpec::Auto => DType::BF16,
-        DTypeSpec::F32 => DType::F32,
-        DTypeSpec::F16 => DType::F16,
-        DTypeSpec::Bf16 => DType::BF16,
-    }
-}
-
-/// `chat_template` from `tokenizer_config.json` (a string, or the entry named `default`).
-fn read_chat_template(dir: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    match json.get("chat_template")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-        _ => None,
-    }
-}
-
 impl Engine {
-    fn build(config: &EngineConfig, shared: Arc<Shared>) -> Result<(Self, Ready)> {
-        let device = resolve_device(config.device)?;
-        let dtype = resolve_dtype(config.dtype, &device);
-        let model = Mpt::load(&config.model, &device, dtype)?;
-        let (tokenizer, model_dir) = match &config.model {
-            ModelSource::Demo => (Tokenizer::from_bytes(crate::demo::TOKENIZER_JSON)?, None),
-            ModelSource::Dir(dir) => (
-                Tokenizer::from_file(&dir.join("tokenizer.json"))?,
-                Some(dir.clone()),
-            ),
-        };
-        let mcfg = model.config().clone();
-        let max_model_len = config.max_model_len.unwrap_or(mcfg.max_seq_len);
-        if max_model_len == 0 {
-            return Err(EngineError::setting("max_model_len", "must be at least 1"));
-        }
-        let num_blocks = match config.kv_cache {
-            KvCacheSize::Blocks(n) => n,
-            KvCacheSize::Bytes(bytes) => KvCache::blocks_for_bytes(&mcfg, config.block_size, bytes),
-        };
-        let cache = KvCache::new(&mcfg, num_blocks, config.block_size, &device)?;
-        let sched = Scheduler::new(SchedulerConfig {
-            num_blocks,
-            block_size: config.block_size,
-            max_num_seqs: config.max_num_seqs,
-            max_num_batched_tokens: config.max_num_batched_tokens,
-            enable_prefix_caching: config.enable_prefix_caching,
-        });
-        let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
-        let model_info = ModelInfo {
-            max_model_len,
-            vocab_size: mcfg.vocab_size,
-            eos_token_id: eos,
-            chat_template: model_dir.as_deref().and_then(read_chat_template),
-            model_dir,
-        };
-        let limits = Limits {
-            max_model_len,
-            vocab_size: mcfg.vocab_size,
-            num_blocks,
-            block_size: config.block_size,
-            max_queue_size: config.max_queue_size,
-        };
-        let tokenizer = Arc::new(tokenizer);
+    fn new(loaded: Loaded, shared: Arc<Shared>) -> Self {
         let engine = Self {
-            model,
-            cache,
-            sched,
-            tokenizer: Arc::clone(&tokenizer),
+            model: loaded.model,
+            cache: loaded.cache,
+            sched: loaded.sched,
+            tokenizer: loaded.tokenizer,
             shared,
-            eos,
+            eos: loaded.eos,
             requests: HashMap::new(),
             owner: HashMap::new(),
             next_request: 0,
@@ -232,14 +149,7 @@ impl Engine {
             generation_tokens: 0,
         };
         engine.publish_stats();
-        Ok((
-            engine,
-            Ready {
-                tokenizer,
-                model_info,
-                limits,
-            },
-        ))
+        engine
     }
 
     fn run(mut self, commands: Receiver<Command>) {
@@ -429,6 +339,11 @@ impl Engine {
                 delta.index = index;
                 let _ = req.events.send(Event::Delta(delta));
                 let reason = choice.finish.unwrap_or(FinishReason::Abort);
+                let _ = req.events.send(Event::ChoiceFinished { index, reason });
+            }
+            // Aborted before the fork: the missing choices end empty.
+            for index in returned.len()..req.req.n {
+                let reason = FinishReason::Abort;
                 let _ = req.events.send(Event::ChoiceFinished { index, reason });
             }
         }

@@ -327,3 +327,31 @@ fn queue_full_shutdown_and_abort_all() {
     }
     assert!(e.is_alive());
 }
+
+/// Decode throughput of the demo model at 1, 4 and 16 concurrent sequences (prompt 128, 128 new
+/// tokens each). Run with `--ignored --nocapture`; prints tokens/s.
+#[test]
+#[ignore = "benchmark: prints numbers, asserts nothing about speed"]
+fn decode_throughput_demo_model() {
+    let e = engine(|c| c.threads = None);
+    // Warm up allocations and caches.
+    collect(e.submit(request(prompt(1, 128), 16)).expect("ok"));
+    for concurrency in [1usize, 4, 16] {
+        let reqs: Vec<GenerateRequest> = (0..concurrency)
+            .map(|i| request(prompt(900 + i as u32, 128), 128))
+            .collect();
+        let start = Instant::now();
+        let streams: Vec<EventStream> = reqs
+            .iter()
+            .map(|r| e.submit(r.clone()).expect("ok"))
+            .collect();
+        let outputs: Vec<Output> = streams.into_iter().map(collect).collect();
+        let secs = start.elapsed().as_secs_f64();
+        let tokens: usize = outputs.iter().map(|o| o.tokens[0].len()).sum();
+        println!(
+            "concurrency {concurrency:>2}: {tokens} tokens in {secs:.2}s = {:.1} tokens/s (incl. prefill of {} prompt tokens)",
+            tokens as f64 / secs,
+            128 * concurrency
+        );
+    }
+}
