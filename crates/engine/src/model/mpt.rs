@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::alibi::alibi_slopes;
 use super::attention::{TokenSlot, paged_attention, write_kv};
+use super::attention_tensor::{self, TensorPlan};
 use super::batch::ModelBatch;
 use super::loader::WeightFiles;
 use crate::config::{ModelSource, MptConfig};
@@ -218,6 +219,16 @@ impl Mpt {
             debug_assert!(ids.len() - rows >= first_row);
         }
         let n = ids.len();
+        // The tensor path's index and bias tensors, uploaded once for all layers.
+        let plan = match &cache.storage {
+            KvStorage::Tensors(_) => Some(TensorPlan::new(
+                batch,
+                &cache.geometry,
+                &self.slopes,
+                &self.device,
+            )?),
+            KvStorage::Cpu(_) => None,
+        };
         let mut x = self.wte.index_select(&Tensor::new(ids, &self.device)?, 0)?; // (n, d)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.norm_1.forward(&x)?;
@@ -232,7 +243,7 @@ impl Mpt {
                 q = q_ln.forward(&q)?;
                 k = k_ln.forward(&k)?;
             }
-            let attn = self.attention(layer, &q, &k, &v, &slots, cache)?; // (n, d)
+            let attn = self.attention(layer, &q, &k, &v, &slots, plan.as_ref(), cache)?; // (n, d)
             x = (x + block.out_proj.forward(&attn)?)?;
             let h = block.norm_2.forward(&x)?;
             let ffn = block
@@ -261,6 +272,7 @@ impl Mpt {
     }
 
     /// Writes K/V for the new tokens and attends over each sequence's cached context.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
@@ -268,6 +280,7 @@ impl Mpt {
         k: &Tensor,
         v: &Tensor,
         slots: &[TokenSlot<'_>],
+        plan: Option<&TensorPlan>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let geometry = cache.geometry;
@@ -291,6 +304,12 @@ impl Mpt {
                 );
                 let out = Tensor::from_vec(out, (slots.len(), self.config.d_model), &Device::Cpu)?;
                 Ok(out.to_dtype(self.dtype)?.to_device(&self.device)?)
+            }
+            KvStorage::Tensors(layers) => {
+                let plan = plan.expect("a tensor plan is built for tensor caches: this is a bug");
+                let (k_pool, v_pool) = &layers[layer];
+                attention_tensor::write_kv(plan, k_pool, v_pool, k, v)?;
+                attention_tensor::attention(plan, k_pool, v_pool, q, self.softmax_scale)
             }
         }
     }
