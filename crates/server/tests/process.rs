@@ -120,7 +120,7 @@ fn read_until(stream: &mut TcpStream, seen: &mut String, needle: &str) {
 #[test]
 fn sigterm_while_streaming_finishes_the_stream_and_exits_zero() {
     let (mut server, addr) = spawn();
-    let body = r#"{"prompt": "Count with me:", "max_tokens": 300, "ignore_eos": true, "temperature": 0, "stream": true}"#;
+    let body = r#"{"prompt": "Count with me:", "max_tokens": 1500, "ignore_eos": true, "temperature": 0, "stream": true}"#;
     let mut stream = post(&addr, body);
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, "data: {");
