@@ -153,7 +153,20 @@ fn seeded_sampling_is_the_same_alone_and_batched() {
 #[test]
 fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
     // Each request needs 10 + 30 tokens = 10 blocks of 4; the pool holds 14.
-    let reqs: Vec<GenerateRequest> = (0..8).map(|i| request(prompt(200 + i, 10), 30)).collect();
+    // Odd requests sample with a seed: the sampler's state must survive a preemption.
+    let reqs: Vec<GenerateRequest> = (0..8)
+        .map(|i| {
+            let mut r = request(prompt(200 + i, 10), 30);
+            if i % 2 == 1 {
+                r.sampling = SamplingParams {
+                    temperature: 0.8,
+                    seed: Some(u64::from(i)),
+                    ..Default::default()
+                };
+            }
+            r
+        })
+        .collect();
     let roomy = engine(|c| c.block_size = 4);
     let expected: Vec<Output> = reqs
         .iter()
@@ -172,6 +185,35 @@ fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
     let stats = tight.stats();
     assert!(stats.num_preemptions > 0, "{stats:?}");
     wait_until(&tight, "blocks back", |s| s.kv_blocks_used == 0);
+}
+
+#[test]
+fn shared_prefix_hits_the_cache_without_changing_outputs() {
+    let system = prompt(800, 40);
+    let reqs: Vec<GenerateRequest> = (0..4)
+        .map(|i| {
+            let mut p = system.clone();
+            p.extend(prompt(810 + i, 3 + i as usize));
+            request(p, 10)
+        })
+        .collect();
+    let cold = engine(|c| c.enable_prefix_caching = false);
+    let expected: Vec<Output> = reqs
+        .iter()
+        .map(|r| collect(cold.submit(r.clone()).expect("ok")))
+        .collect();
+    assert_eq!(cold.stats().prefix_cache_hits, 0);
+    let warm = engine(|c| c.block_size = 8);
+    let got: Vec<Output> = reqs
+        .iter()
+        .map(|r| collect(warm.submit(r.clone()).expect("ok")))
+        .collect();
+    assert_eq!(got, expected);
+    let stats = warm.stats();
+    // 40 shared tokens = 5 full blocks of 8, reused by the 3 later requests.
+    assert!(stats.prefix_cache_hits >= 15, "{stats:?}");
+    assert!(stats.prefix_cache_queries >= stats.prefix_cache_hits);
+    wait_until(&warm, "idle", |s| s.kv_blocks_used == 0);
 }
 
 #[test]
