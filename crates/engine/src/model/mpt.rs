@@ -15,7 +15,7 @@ use super::alibi::alibi_slopes;
 use super::attention::{TokenSlot, paged_attention, write_kv};
 use super::attention_tensor::{self, TensorPlan};
 use super::batch::ModelBatch;
-use super::loader::WeightFiles;
+use super::loader::{DummyWeights, WeightFiles};
 use crate::config::{ModelSource, MptConfig};
 use crate::demo;
 use crate::error::{EngineError, Result};
@@ -63,9 +63,15 @@ pub struct Mpt {
     dtype: DType,
 }
 
+/// Where weights come from: checkpoint files, or random values of the same shapes.
+enum WeightSource<'a> {
+    Files(&'a WeightFiles),
+    Dummy(DummyWeights),
+}
+
 /// Reads tensors by their mosaicml names, counting progress.
 struct TensorReader<'a> {
-    weights: &'a WeightFiles,
+    weights: WeightSource<'a>,
     config: &'a MptConfig,
     device: &'a Device,
     dtype: DType,
@@ -74,7 +80,10 @@ struct TensorReader<'a> {
 
 impl TensorReader<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.weights.get(name, shape, self.dtype, self.device)?;
+        let t = match &self.weights {
+            WeightSource::Files(files) => files.get(name, shape, self.dtype, self.device)?,
+            WeightSource::Dummy(dummy) => dummy.get(name, shape, self.dtype, self.device)?,
+        };
         self.progress.inc(1);
         Ok(t)
     }
@@ -127,14 +136,37 @@ impl Mpt {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        config.validate()?;
-        let (d, ffn) = (config.d_model, config.ffn_hidden_size());
         let progress = ProgressBar::new(weights.len() as u64).with_style(
             ProgressStyle::with_template(
                 "loading weights {bar:40} {pos}/{len} tensors [{elapsed}]",
             )
             .map_err(|e| EngineError::Tokenizer(format!("progress bar template: {e}")))?,
         );
+        Self::build(
+            config,
+            WeightSource::Files(weights),
+            progress,
+            device,
+            dtype,
+        )
+    }
+
+    /// A model of `config`'s shapes with random weights drawn from `seed` (`--load-format
+    /// dummy`): for measuring speed and memory without the checkpoint. Generated on `device`.
+    pub fn dummy(config: MptConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let source = WeightSource::Dummy(DummyWeights::new(seed));
+        Self::build(config, source, ProgressBar::hidden(), device, dtype)
+    }
+
+    fn build(
+        config: MptConfig,
+        weights: WeightSource<'_>,
+        progress: ProgressBar,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (d, ffn) = (config.d_model, config.ffn_hidden_size());
         let reader = TensorReader {
             weights,
             config: &config,
