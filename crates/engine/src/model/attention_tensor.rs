@@ -146,25 +146,45 @@ struct GroupTensors {
 /// The per-forward device tensors of the tensor path, built before the layer loop.
 #[derive(Debug)]
 pub(crate) struct TensorPlan {
+    /// Inputs of our CUDA kernels when they compute the attention (then `groups` is empty).
+    #[cfg(feature = "cuda")]
+    kernels: Option<super::attention_kernels::KernelInputs>,
     /// `(tokens, n_heads · head_dim)` u32 destination rows for `scatter_set`.
     write_rows: Tensor,
     groups: Vec<GroupTensors>,
     /// `(tokens)` u32, see [`HostPlan::unpad`].
     unpad: Option<Tensor>,
-    /// The host layout the tensors came from (the CUDA kernels pack their own inputs from it).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) host: HostPlan,
 }
 
 impl TensorPlan {
-    /// Uploads the index and bias tensors for `batch` to `device`.
+    /// Uploads the index and bias tensors for `batch` to `device`; with `cuda_kernels`, the
+    /// kernels' packed metadata instead of the gather indices and biases.
     pub(crate) fn new(
         batch: &ModelBatch,
         geom: &KvGeometry,
         slopes: &[f32],
         device: &Device,
+        cuda_kernels: bool,
     ) -> Result<Self> {
-        let host = HostPlan::new(batch, geom.block_size);
+        #[allow(unused_mut)]
+        let mut host = HostPlan::new(batch, geom.block_size);
+        #[cfg(feature = "cuda")]
+        let kernels = if cuda_kernels {
+            use super::attention_kernels::{KernelInputs, KernelMeta};
+            host.groups.clear();
+            host.unpad = None;
+            let meta = KernelMeta::pack(batch, geom.block_size)?;
+            Some(KernelInputs::new(meta, slopes, device)?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cuda"))]
+        if cuda_kernels {
+            return Err(crate::error::EngineError::setting(
+                "attention_kernels",
+                "this build has no CUDA kernels (build with --features cuda)",
+            ));
+        }
         let width = geom.n_heads * geom.head_dim;
         let n = host.write_rows.len();
         let write_rows = Tensor::from_slice(&host.write_rows, (n, 1), device)?
@@ -201,10 +221,11 @@ impl TensorPlan {
             None => None,
         };
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            kernels,
             write_rows,
             groups,
             unpad,
-            host,
         })
     }
 }
@@ -235,6 +256,10 @@ pub(crate) fn attention(
     q: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(inputs) = &plan.kernels {
+        return super::attention_kernels::attention(inputs, k_pool, v_pool, q, scale);
+    }
     let (_, block_size, heads, head_dim) = k_pool.dims4()?;
     let dtype = q.dtype();
     let q = q.reshape((q.dim(0)?, heads, head_dim))?;
@@ -396,7 +421,7 @@ mod tests {
             cpu_write_kv(&geom, &mut cpu_pool, &slots, &k, &v);
             let expected = paged_attention(&geom, &cpu_pool, &slots, &q, &slopes, scale);
 
-            let plan = TensorPlan::new(&batch, &geom, &slopes, &dev).unwrap();
+            let plan = TensorPlan::new(&batch, &geom, &slopes, &dev, false).unwrap();
             let t = |x: &[f32]| Tensor::from_slice(x, (n, w), &dev).unwrap();
             write_kv(&plan, &k_pool, &v_pool, &t(&k), &t(&v)).unwrap();
             let got = attention(&plan, &k_pool, &v_pool, &t(&q), scale).unwrap();

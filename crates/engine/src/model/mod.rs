@@ -2,6 +2,7 @@
 
 pub mod alibi;
 mod attention;
+mod attention_kernels;
 mod attention_tensor;
 pub mod batch;
 pub mod loader;

@@ -61,6 +61,8 @@ pub struct Mpt {
     logit_scale: Option<f64>,
     device: Device,
     dtype: DType,
+    /// Attention by our CUDA kernels instead of candle tensor ops (tensor caches on CUDA only).
+    cuda_attention_kernels: bool,
 }
 
 /// Where weights come from: checkpoint files, or random values of the same shapes.
@@ -210,6 +212,7 @@ impl Mpt {
             norm_f,
             device: device.clone(),
             dtype,
+            cuda_attention_kernels: false,
         })
     }
 
@@ -226,6 +229,34 @@ impl Mpt {
     /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Selects our own CUDA attention kernels (`kernels/paged_attention.cu`) instead of the
+    /// candle tensor-op path for tensor caches. Off by default: not yet verified on a GPU. Fails
+    /// unless built with the `cuda` feature, on a CUDA device, for a dtype and head dim the
+    /// kernels are instantiated for (f32/f16/bf16; 64, 112, 128).
+    pub fn set_cuda_attention_kernels(&mut self, on: bool) -> Result<()> {
+        if on {
+            let refuse = |why: String| Err(EngineError::setting("attention_kernels", why));
+            if !cfg!(feature = "cuda") {
+                return refuse(
+                    "this build has no CUDA kernels (build with --features cuda)".into(),
+                );
+            }
+            if !self.device.is_cuda() {
+                return refuse("the CUDA attention kernels need a CUDA device".into());
+            }
+            if super::attention_kernels::kernel_suffix(self.dtype, self.config.head_dim()).is_none()
+            {
+                return refuse(format!(
+                    "no kernel for {:?} with head dim {}",
+                    self.dtype,
+                    self.config.head_dim()
+                ));
+            }
+        }
+        self.cuda_attention_kernels = on;
+        Ok(())
     }
 
     /// Runs one mixed batch. Writes the new tokens' K/V into `cache` through each sequence's
@@ -258,6 +289,7 @@ impl Mpt {
                 &cache.geometry,
                 &self.slopes,
                 &self.device,
+                self.cuda_attention_kernels,
             )?),
             KvStorage::Cpu(_) => None,
         };

@@ -1,0 +1,684 @@
+//! Our own CUDA attention kernels (`kernels/paged_attention.cu`, compiled to PTX by build.rs) and
+//! the host-side logic that feeds them: metadata packing and launch geometry, which are plain
+//! Rust and unit-tested everywhere. The launch itself exists only with the `cuda` feature.
+//!
+//! NOT YET RUN ON A GPU. The kernels are selected only when asked for
+//! (`Mpt::set_cuda_attention_kernels`); the candle tensor-op path stays the default until
+//! `bench/gpu-check.sh` has verified them on a real card.
+//!
+//! Packed metadata (one i32 buffer per forward, uploaded before the layer loop): `q_start`
+//! (S + 1 offsets of each sequence's query rows), `ctx_len` (S context lengths after the step),
+//! `table_off` (S offsets into `tables`), `tiles` (sequence, first query) pairs for the prefill
+//! grid, and `tables`: each sequence's used block ids (`ceil(ctx_len / block_size)` of them) back
+//! to back. Invariant: every value fits in i32 and every table covers its context.
+
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use candle_core::DType;
+
+use super::batch::ModelBatch;
+use crate::error::{EngineError, Result};
+
+/// Threads per block of every kernel (`THREADS` in the .cu file).
+pub(crate) const THREADS: u32 = 128;
+/// Queries per prefill tile (`PREFILL_BLOCK_M`).
+pub(crate) const PREFILL_BLOCK_M: usize = 16;
+/// Keys per decode split (`DECODE_PARTITION`).
+pub(crate) const DECODE_PARTITION: usize = 512;
+/// Head dims the kernels are instantiated for (MPT-7B 128, MPT-30B 112).
+pub(crate) const HEAD_DIMS: [usize; 3] = [64, 112, 128];
+
+/// The packed kernel metadata of one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KernelMeta {
+    /// Everything, back to back.
+    pub(crate) ints: Vec<i32>,
+    /// Offset of `q_start` in `ints` (always 0).
+    pub(crate) q_start: usize,
+    /// Offset of `ctx_len`.
+    pub(crate) ctx_len: usize,
+    /// Offset of `table_off`.
+    pub(crate) table_off: usize,
+    /// Offset of `tiles`.
+    pub(crate) tiles: usize,
+    /// Offset of the block tables.
+    pub(crate) tables: usize,
+    /// Sequences.
+    pub(crate) num_seqs: usize,
+    /// Query rows (new tokens).
+    pub(crate) num_tokens: usize,
+    /// Prefill tiles.
+    pub(crate) num_tiles: usize,
+    /// Longest context in the batch.
+    pub(crate) max_ctx: usize,
+    /// Whether every sequence has exactly one new token (the decode kernel applies).
+    pub(crate) all_decode: bool,
+}
+
+impl KernelMeta {
+    /// Packs `batch` for a cache of `block_size`-token blocks.
+    pub(crate) fn pack(batch: &ModelBatch, block_size: usize) -> Result<Self> {
+        let too_big = |what: &str| {
+            EngineError::setting(
+                "batch",
+                format!("{what} does not fit the kernels' i32 indices"),
+            )
+        };
+        let to_i32 = |x: usize, what: &str| i32::try_from(x).map_err(|_| too_big(what));
+        let s = batch.seqs.len();
+        let mut q_start = Vec::with_capacity(s + 1);
+        let mut ctx_len = Vec::with_capacity(s);
+        let mut table_off = Vec::with_capacity(s);
+        let mut tiles = Vec::new();
+        let mut tables = Vec::new();
+        let mut rows = 0usize;
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            q_start.push(to_i32(rows, "token count")?);
+            ctx_len.push(to_i32(seq.context_len(), "context length")?);
+            table_off.push(to_i32(tables.len(), "block table size")?);
+            let used = seq.context_len().div_ceil(block_size);
+            for &b in &seq.block_table[..used] {
+                tables.push(i32::try_from(b).map_err(|_| too_big("block id"))?);
+            }
+            for m0 in (0..seq.tokens.len()).step_by(PREFILL_BLOCK_M) {
+                tiles.extend([to_i32(i, "sequence count")?, to_i32(m0, "chunk")?]);
+            }
+            rows += seq.tokens.len();
+        }
+        q_start.push(to_i32(rows, "token count")?);
+        let mut ints = q_start;
+        let ctx_off = ints.len();
+        ints.extend(&ctx_len);
+        let table_off_off = ints.len();
+        ints.extend(&table_off);
+        let tiles_off = ints.len();
+        let num_tiles = tiles.len() / 2;
+        ints.extend(&tiles);
+        let tables_off = ints.len();
+        ints.extend(&tables);
+        Ok(Self {
+            ints,
+            q_start: 0,
+            ctx_len: ctx_off,
+            table_off: table_off_off,
+            tiles: tiles_off,
+            tables: tables_off,
+            num_seqs: s,
+            num_tokens: rows,
+            num_tiles,
+            max_ctx: batch
+                .seqs
+                .iter()
+                .map(|q| q.context_len())
+                .max()
+                .unwrap_or(0),
+            all_decode: batch.seqs.iter().all(|q| q.tokens.len() == 1),
+        })
+    }
+}
+
+/// Grid and block dimensions of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Launch {
+    /// Grid (x, y, z).
+    pub(crate) grid: (u32, u32, u32),
+    /// Block (x, y, z).
+    pub(crate) block: (u32, u32, u32),
+}
+
+/// Which kernels a batch runs, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaunchPlan {
+    /// `paged_prefill`: grid (tiles, heads).
+    Prefill(Launch),
+    /// `paged_decode` over `splits` key partitions, then `paged_decode_reduce`.
+    Decode {
+        /// The split-K launch: grid (heads, seqs, splits).
+        main: Launch,
+        /// The merge: grid (heads, seqs).
+        reduce: Launch,
+        /// Key partitions per sequence (enough for the longest context).
+        splits: usize,
+    },
+}
+
+impl LaunchPlan {
+    /// The launches for `meta` with `n_heads` heads.
+    pub(crate) fn new(meta: &KernelMeta, n_heads: usize) -> Self {
+        let block = (THREADS, 1, 1);
+        let (h, s) = (n_heads as u32, meta.num_seqs as u32);
+        if meta.all_decode {
+            let splits = meta.max_ctx.div_ceil(DECODE_PARTITION).max(1);
+            Self::Decode {
+                main: Launch {
+                    grid: (h, s, splits as u32),
+                    block,
+                },
+                reduce: Launch {
+                    grid: (h, s, 1),
+                    block,
+                },
+                splits,
+            }
+        } else {
+            Self::Prefill(Launch {
+                grid: (meta.num_tiles as u32, h, 1),
+                block,
+            })
+        }
+    }
+}
+
+/// The kernel-name suffix for a dtype and head dim (`bf16_d128`), or `None` when there is no
+/// instantiation for them.
+pub(crate) fn kernel_suffix(dtype: DType, head_dim: usize) -> Option<String> {
+    let ty = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        _ => return None,
+    };
+    HEAD_DIMS
+        .contains(&head_dim)
+        .then(|| format!("{ty}_d{head_dim}"))
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::{KernelInputs, attention};
+
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    //! The launch: a candle `CustomOp1` on the queries that reads the pools, metadata and slopes
+    //! from tensors it holds. Kernel launches are FFI, hence the `unsafe` blocks.
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+
+    use super::{KernelMeta, LaunchPlan, kernel_suffix};
+    use crate::error::{EngineError, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+    const MODULE: &str = "mpt_paged_attention";
+
+    /// A batch's kernel inputs on the device, built once per forward.
+    #[derive(Debug)]
+    pub(crate) struct KernelInputs {
+        meta: KernelMeta,
+        /// `meta.ints` on the device (i32).
+        ints: Tensor,
+        /// ALiBi slopes (f32, heads).
+        slopes: Tensor,
+    }
+
+    impl KernelInputs {
+        /// Uploads the packed metadata and the slopes.
+        pub(crate) fn new(meta: KernelMeta, slopes: &[f32], device: &Device) -> Result<Self> {
+            let ints = Tensor::from_slice(&meta.ints, meta.ints.len(), device)?;
+            let slopes = Tensor::from_slice(slopes, slopes.len(), device)?;
+            Ok(Self { meta, ints, slopes })
+        }
+    }
+
+    /// Attention output `(tokens, heads · head_dim)` for `q` of that shape, by our kernels.
+    pub(crate) fn attention(
+        inputs: &KernelInputs,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        q: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (_, block_size, heads, head_dim) = k_pool.dims4()?;
+        if kernel_suffix(q.dtype(), head_dim).is_none() || k_pool.dtype() != q.dtype() {
+            return Err(EngineError::setting(
+                "attention_kernels",
+                format!(
+                    "no kernel for {:?} queries, {:?} cache, head dim {head_dim}",
+                    q.dtype(),
+                    k_pool.dtype()
+                ),
+            ));
+        }
+        let n = q.dim(0)?;
+        let q = q.reshape((n, heads, head_dim))?.contiguous()?;
+        let op = PagedAttention {
+            inputs,
+            k_pool,
+            v_pool,
+            scale,
+            heads,
+            head_dim,
+            block_size,
+        };
+        Ok(q.apply_op1_no_bwd(&op)?.reshape((n, heads * head_dim))?)
+    }
+
+    struct PagedAttention<'a> {
+        inputs: &'a KernelInputs,
+        k_pool: &'a Tensor,
+        v_pool: &'a Tensor,
+        scale: f32,
+        heads: usize,
+        head_dim: usize,
+        block_size: usize,
+    }
+
+    fn cuda_of<'g>(
+        guard: &'g std::sync::RwLockReadGuard<'_, Storage>,
+        what: &str,
+    ) -> candle_core::Result<&'g CudaStorage> {
+        match &**guard {
+            Storage::Cuda(c) => Ok(c),
+            _ => candle_core::bail!("paged attention kernels: {what} is not on a CUDA device"),
+        }
+    }
+
+    impl CustomOp1 for PagedAttention<'_> {
+        fn name(&self) -> &'static str {
+            "mpt-paged-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the paged attention kernels run on CUDA devices only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            q_l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let (k_guard, k_l) = self.k_pool.storage_and_layout();
+            let (v_guard, v_l) = self.v_pool.storage_and_layout();
+            let (i_guard, i_l) = self.inputs.ints.storage_and_layout();
+            let (s_guard, s_l) = self.inputs.slopes.storage_and_layout();
+            let (k, v) = (cuda_of(&k_guard, "K")?, cuda_of(&v_guard, "V")?);
+            let ints = cuda_of(&i_guard, "metadata")?.as_cuda_slice::<i32>()?;
+            let slopes = cuda_of(&s_guard, "slopes")?.as_cuda_slice::<f32>()?;
+            let ints = ints.slice(i_l.start_offset()..);
+            let slopes = slopes.slice(s_l.start_offset()..);
+            let meta = &self.inputs.meta;
+            let suffix = kernel_suffix(q.dtype(), self.head_dim)
+                .ok_or_else(|| candle_core::Error::Msg("unsupported dtype/head dim".into()))?;
+            let (h, d) = (self.heads, self.head_dim);
+            let n_heads = h as i32;
+            let block_size = self.block_size as i32;
+            let q_start = ints.slice(meta.q_start..);
+            let ctx_len = ints.slice(meta.ctx_len..);
+            let table_off = ints.slice(meta.table_off..);
+            let tiles = ints.slice(meta.tiles..);
+            let tables = ints.slice(meta.tables..);
+            let plan = LaunchPlan::new(meta, h);
+            let config = |l: super::Launch| LaunchConfig {
+                grid_dim: l.grid,
+                block_dim: l.block,
+                shared_mem_bytes: 0,
+            };
+            macro_rules! run {
+                ($variant:ident) => {{
+                    let (
+                        CudaStorageSlice::$variant(qs),
+                        CudaStorageSlice::$variant(ks),
+                        CudaStorageSlice::$variant(vs),
+                    ) = (&q.slice, &k.slice, &v.slice)
+                    else {
+                        candle_core::bail!("paged attention: q, K and V dtypes differ")
+                    };
+                    let qs = qs.slice(q_l.start_offset()..);
+                    let ks = ks.slice(k_l.start_offset()..);
+                    let vs = vs.slice(v_l.start_offset()..);
+                    // SAFETY: every element is written by the kernels below (one thread per
+                    // (row, head, dim) output element).
+                    let out = unsafe { dev.alloc(meta.num_tokens * h * d)? };
+                    match plan {
+                        LaunchPlan::Prefill(launch) => {
+                            let name = format!("paged_prefill_{suffix}");
+                            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                            let mut b = f.builder();
+                            b.arg(&qs)
+                                .arg(&ks)
+                                .arg(&vs)
+                                .arg(&out)
+                                .arg(&tiles)
+                                .arg(&q_start);
+                            b.arg(&ctx_len).arg(&table_off).arg(&tables).arg(&slopes);
+                            b.arg(&self.scale).arg(&n_heads).arg(&block_size);
+                            // SAFETY: argument list matches `paged_prefill_*` in the .cu file;
+                            // buffers are sized from the same metadata the kernel reads.
+                            unsafe { b.launch(config(launch)) }.w()?;
+                        }
+                        LaunchPlan::Decode {
+                            main,
+                            reduce,
+                            splits,
+                        } => {
+                            let parts = meta.num_seqs * h * splits;
+                            // SAFETY: the decode kernel writes every partial (empty splits too).
+                            let part_out = unsafe { dev.alloc::<f32>(parts * d)? };
+                            let part_ml = unsafe { dev.alloc::<f32>(parts * 2)? };
+                            let name = format!("paged_decode_{suffix}");
+                            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                            let mut b = f.builder();
+                            b.arg(&qs).arg(&ks).arg(&vs).arg(&part_out).arg(&part_ml);
+                            b.arg(&ctx_len).arg(&table_off).arg(&tables).arg(&slopes);
+                            b.arg(&self.scale).arg(&n_heads).arg(&block_size);
+                            // SAFETY: as above, for `paged_decode_*`.
+                            unsafe { b.launch(config(main)) }.w()?;
+                            let ty = suffix.split('_').next().unwrap_or("f32");
+                            let name = format!("paged_decode_reduce_{ty}");
+                            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                            let (head_dim, splits) = (d as i32, splits as i32);
+                            let mut b = f.builder();
+                            b.arg(&part_out).arg(&part_ml).arg(&out).arg(&ctx_len);
+                            b.arg(&n_heads).arg(&head_dim).arg(&splits);
+                            // SAFETY: as above, for `paged_decode_reduce_*`.
+                            unsafe { b.launch(config(reduce)) }.w()?;
+                        }
+                    }
+                    CudaStorage::wrap_cuda_slice(out, dev.clone())
+                }};
+            }
+            let out = match q.dtype() {
+                DType::BF16 => run!(BF16),
+                DType::F16 => run!(F16),
+                DType::F32 => run!(F32),
+                other => candle_core::bail!("paged attention kernels: no {other:?} variant"),
+            };
+            Ok((out, Shape::from((meta.num_tokens, h, d))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::batch::{LogitsWanted, SeqChunk};
+
+    fn chunk(tokens: usize, start_pos: usize, block_table: Vec<u32>) -> SeqChunk {
+        SeqChunk {
+            tokens: vec![3; tokens],
+            start_pos,
+            block_table,
+            logits: LogitsWanted::Last,
+        }
+    }
+
+    #[test]
+    fn constants_match_the_cuda_source() {
+        let src = include_str!("../../kernels/paged_attention.cu");
+        for (name, value) in [
+            ("THREADS", THREADS as usize),
+            ("PREFILL_BLOCK_M", PREFILL_BLOCK_M),
+            ("DECODE_PARTITION", DECODE_PARTITION),
+        ] {
+            let line = format!("#define {name} ");
+            let defined = src
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("{name} not defined in the .cu file"));
+            assert_eq!(defined.trim().parse::<usize>().ok(), Some(value), "{name}");
+        }
+        for d in HEAD_DIMS {
+            for kind in ["PREFILL", "DECODE"] {
+                assert!(
+                    src.contains(&format!("{kind}(TYPE, NAME, {d})")),
+                    "{kind} d{d}"
+                );
+            }
+        }
+        for ty in ["float, f32", "__half, f16", "__nv_bfloat16, bf16"] {
+            assert!(src.contains(&format!("ALL_DIMS({ty})")), "{ty}");
+        }
+    }
+
+    #[test]
+    fn packing_lays_out_offsets_tiles_and_used_table_prefixes() {
+        // seq 0: 20-token chunk after 5 cached (ctx 25, 2 tiles), table longer than needed;
+        // seq 1: decode at 40 (ctx 41).
+        let batch = ModelBatch {
+            seqs: vec![chunk(20, 5, vec![4, 9, 1, 7]), chunk(1, 40, vec![2, 3, 8])],
+        };
+        let m = KernelMeta::pack(&batch, 16).expect("fits");
+        assert_eq!(m.ints[m.q_start..m.ctx_len], [0, 20, 21]);
+        assert_eq!(m.ints[m.ctx_len..m.table_off], [25, 41]);
+        assert_eq!(m.ints[m.table_off..m.tiles], [0, 2]);
+        assert_eq!(m.ints[m.tiles..m.tables], [0, 0, 0, 16, 1, 0]);
+        assert_eq!(m.ints[m.tables..], [4, 9, 2, 3, 8]);
+        assert_eq!(
+            (m.num_seqs, m.num_tokens, m.num_tiles, m.max_ctx),
+            (2, 21, 3, 41)
+        );
+        assert!(!m.all_decode);
+        assert_eq!(
+            LaunchPlan::new(&m, 64),
+            LaunchPlan::Prefill(Launch {
+                grid: (3, 64, 1),
+                block: (128, 1, 1)
+            })
+        );
+    }
+
+    #[test]
+    fn decode_batches_split_the_longest_context() {
+        let batch = ModelBatch {
+            seqs: vec![
+                chunk(1, 1500, (0..94).collect()),
+                chunk(1, 0, vec![100]),
+                chunk(1, 511, (200..232).collect()),
+            ],
+        };
+        let m = KernelMeta::pack(&batch, 16).expect("fits");
+        assert!(m.all_decode);
+        assert_eq!(m.max_ctx, 1501);
+        let LaunchPlan::Decode {
+            main,
+            reduce,
+            splits,
+        } = LaunchPlan::new(&m, 32)
+        else {
+            panic!("decode plan expected");
+        };
+        assert_eq!(splits, 3); // ceil(1501 / 512)
+        assert_eq!(main.grid, (32, 3, 3));
+        assert_eq!(reduce.grid, (32, 3, 1));
+        // Exactly one partition boundary case: ctx 512 needs one split, 513 two.
+        for (pos, want) in [(511, 1), (512, 2)] {
+            let b = ModelBatch {
+                seqs: vec![chunk(1, pos, (0..40).collect())],
+            };
+            let plan = LaunchPlan::new(&KernelMeta::pack(&b, 16).expect("fits"), 4);
+            assert!(matches!(plan, LaunchPlan::Decode { splits, .. } if splits == want));
+        }
+    }
+
+    #[test]
+    fn suffixes_cover_the_instantiated_kernels_only() {
+        assert_eq!(
+            kernel_suffix(DType::BF16, 112).as_deref(),
+            Some("bf16_d112")
+        );
+        assert_eq!(kernel_suffix(DType::F16, 128).as_deref(), Some("f16_d128"));
+        assert_eq!(kernel_suffix(DType::F32, 64).as_deref(), Some("f32_d64"));
+        assert_eq!(kernel_suffix(DType::BF16, 16), None);
+        assert_eq!(kernel_suffix(DType::U32, 128), None);
+    }
+
+    /// The kernels' algorithm in Rust, read straight off the packed metadata: prefill tiles with
+    /// an online softmax over `PREFILL_BLOCK_N`-key tiles, or decode splits merged by their
+    /// (max, sum). Checked against the CPU kernel so the metadata's meaning and the merge
+    /// arithmetic are right before any GPU runs them.
+    fn emulate(
+        m: &KernelMeta,
+        q: &[f32],
+        pool: (&[f32], &[f32]),
+        (nh, hd, bs): (usize, usize, usize),
+        slopes: &[f32],
+        scale: f32,
+    ) -> Vec<f32> {
+        const BLOCK_N: usize = 32;
+        let at = |s: usize, pos: usize, h: usize| {
+            let table = &m.ints[m.tables + m.ints[m.table_off + s] as usize..];
+            ((table[pos / bs] as usize * bs + pos % bs) * nh + h) * hd
+        };
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let mut out = vec![f32::NAN; m.num_tokens * nh * hd];
+        let plan = LaunchPlan::new(m, nh);
+        for s in 0..m.num_seqs {
+            let (r0, r1) = (m.ints[s] as usize, m.ints[s + 1] as usize);
+            let len = m.ints[m.ctx_len + s] as usize;
+            for h in 0..nh {
+                for r in r0..r1 {
+                    let p = len - (r1 - r);
+                    let qr: Vec<f32> = q[(r * nh + h) * hd..][..hd]
+                        .iter()
+                        .map(|x| x * scale)
+                        .collect();
+                    let score = |j: usize| {
+                        dot(&qr, &pool.0[at(s, j, h)..][..hd]) + slopes[h] * (j as f32 - p as f32)
+                    };
+                    let o = &mut out[(r * nh + h) * hd..][..hd];
+                    match plan {
+                        LaunchPlan::Prefill(_) => {
+                            let (mut mx, mut l, mut acc) =
+                                (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
+                            for kb in (0..=p).step_by(BLOCK_N) {
+                                let keys: Vec<usize> = (kb..(kb + BLOCK_N).min(p + 1)).collect();
+                                let sc: Vec<f32> = keys.iter().map(|&j| score(j)).collect();
+                                let m_new = sc.iter().fold(mx, |a, &b| a.max(b));
+                                let alpha = (mx - m_new).exp();
+                                l *= alpha;
+                                acc.iter_mut().for_each(|a| *a *= alpha);
+                                for (&j, &x) in keys.iter().zip(&sc) {
+                                    let pj = (x - m_new).exp();
+                                    l += pj;
+                                    let v = &pool.1[at(s, j, h)..][..hd];
+                                    acc.iter_mut().zip(v).for_each(|(a, v)| *a += pj * v);
+                                }
+                                mx = m_new;
+                            }
+                            o.iter_mut().zip(&acc).for_each(|(o, a)| *o = a / l);
+                        }
+                        LaunchPlan::Decode { splits, .. } => {
+                            let mut parts = Vec::new();
+                            for sp in 0..splits {
+                                let (k0, k1) = (
+                                    sp * DECODE_PARTITION,
+                                    ((sp + 1) * DECODE_PARTITION).min(len),
+                                );
+                                if k0 >= len {
+                                    continue;
+                                }
+                                let sc: Vec<f32> = (k0..k1).map(score).collect();
+                                let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                                let mut acc = vec![0f32; hd];
+                                let mut sum = 0f32;
+                                for (j, x) in (k0..k1).zip(&sc) {
+                                    let e = (x - mx).exp();
+                                    sum += e;
+                                    let v = &pool.1[at(s, j, h)..][..hd];
+                                    acc.iter_mut().zip(v).for_each(|(a, v)| *a += e * v);
+                                }
+                                parts.push((mx, sum, acc));
+                            }
+                            let big = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
+                            let total: f32 = parts.iter().map(|p| (p.0 - big).exp() * p.1).sum();
+                            for (dd, o) in o.iter_mut().enumerate() {
+                                let t: f32 =
+                                    parts.iter().map(|p| (p.0 - big).exp() * p.2[dd]).sum();
+                                *o = t / total;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernel_algorithm_on_packed_metadata_matches_the_cpu_kernel() {
+        use crate::kv_cache::KvGeometry;
+        use crate::kv_cache::cache::LayerKv;
+        use crate::model::attention::{TokenSlot, paged_attention};
+        let (nh, hd, bs, nb) = (2, 8, 16, 96);
+        let slopes = [0.25f32, 0.0625];
+        let scale = 0.3;
+        // Pools filled with random values in both layouts (token-major for the kernels,
+        // head-major for the CPU kernel).
+        let km = pseudo_random(nb * bs * nh * hd, 1);
+        let vm = pseudo_random(nb * bs * nh * hd, 2);
+        let geom = KvGeometry {
+            num_blocks: nb,
+            block_size: bs,
+            n_heads: nh,
+            head_dim: hd,
+        };
+        let mut cpu = LayerKv {
+            k: vec![0.0; nb * geom.block_len()],
+            v: vec![0.0; nb * geom.block_len()],
+        };
+        for b in 0..nb {
+            for o in 0..bs {
+                for h in 0..nh {
+                    let src = ((b * bs + o) * nh + h) * hd;
+                    let dst = geom.offset(b, h, o);
+                    cpu.k[dst..dst + hd].copy_from_slice(&km[src..src + hd]);
+                    cpu.v[dst..dst + hd].copy_from_slice(&vm[src..src + hd]);
+                }
+            }
+        }
+        let batches = [
+            // Mixed: a 37-token chunk after a 50-token prefix, a decode, a fresh 3-token prompt.
+            vec![
+                chunk(37, 50, (0..6).rev().collect()),
+                chunk(1, 70, (10..15).collect()),
+                chunk(3, 0, vec![40]),
+            ],
+            // Decodes spanning several partitions (contexts 1100, 1, 512, 513).
+            vec![
+                chunk(1, 1099, (20..89).collect()),
+                chunk(1, 0, vec![90]),
+                chunk(1, 511, (41..73).collect()),
+                chunk(1, 512, (50..83).rev().collect()),
+            ],
+        ];
+        for seqs in batches {
+            let batch = ModelBatch { seqs };
+            let meta = KernelMeta::pack(&batch, bs).expect("fits");
+            let q = pseudo_random(meta.num_tokens * nh * hd, 3);
+            let got = emulate(&meta, &q, (&km, &vm), (nh, hd, bs), &slopes, scale);
+            let slots: Vec<TokenSlot<'_>> = batch
+                .seqs
+                .iter()
+                .flat_map(|s| {
+                    (s.start_pos..s.context_len()).map(|pos| TokenSlot {
+                        block_table: &s.block_table,
+                        pos,
+                    })
+                })
+                .collect();
+            let want = paged_attention(&geom, &cpu, &slots, &q, &slopes, scale);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-4, "element {i}: {a} vs {b}");
+            }
+        }
+    }
+}
