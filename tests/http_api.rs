@@ -585,3 +585,54 @@ fn shipped_config_files_parse() {
     }
     assert!(seen >= 1, "no config/*.toml found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_configurable() {
+    let preflight = |server: &mpt_server::RunningServer| {
+        client()
+            .request(reqwest::Method::OPTIONS, url(server, "/v1/completions"))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let server = start(|_| {}).await;
+    let r = preflight(&server).await.expect("sent");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    server.shutdown().await.expect("clean shutdown");
+    let server = start(|c| c.cors_allow_origin = vec!["https://app.example".into()]).await;
+    let r = preflight(&server).await.expect("sent");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_logprobs_have_openai_shape() {
+    let server = start(|_| {}).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "max_tokens": 4, "ignore_eos": true, "logprobs": true, "top_logprobs": 2});
+    let (status, v) = post(&server, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content");
+    assert_eq!(content.len(), 4);
+    for entry in content {
+        assert!(entry["token"].is_string() && entry["logprob"].as_f64().expect("lp") <= 0.0);
+        assert_eq!(
+            entry["bytes"].as_array().expect("bytes").len(),
+            entry["token"].as_str().expect("s").len()
+        );
+        assert_eq!(entry["top_logprobs"].as_array().expect("top").len(), 2);
+    }
+    let (status, v) = post(
+        &server,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}),
+    )
+    .await;
+    assert_error(status, &v, 400, Some("top_logprobs"));
+    server.shutdown().await.expect("clean shutdown");
+}

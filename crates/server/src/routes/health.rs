@@ -41,3 +41,71 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use crate::state::{AppState, StateConfig};
+
+    fn unloaded() -> AppState {
+        AppState::new(StateConfig {
+            model_name: "m".into(),
+            api_key: None,
+            max_inflight: 4,
+            cors_allow_origin: Vec::new(),
+        })
+    }
+
+    async fn call(state: &AppState, method: &str, path: &str, body: &str) -> (u16, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request builds");
+        let response = crate::app(state.clone())
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn not_ready_until_the_model_is_loaded() {
+        let state = unloaded();
+        assert_eq!(call(&state, "GET", "/health", "").await.0, 200);
+        let (status, body) = call(&state, "GET", "/ready", "").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("still loading"), "{body}");
+        let (status, body) = call(&state, "POST", "/v1/completions", r#"{"prompt":"hi"}"#).await;
+        assert_eq!(status, 503);
+        assert!(
+            body.contains("\"type\":\"service_unavailable_error\""),
+            "{body}"
+        );
+        state.start_draining();
+        let (status, body) =
+            call(&state, "POST", "/v1/chat/completions", r#"{"messages":[]}"#).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("shutting down"), "{body}");
+        let (status, metrics) = call(&state, "GET", "/metrics", "").await;
+        assert_eq!(status, 200);
+        assert!(
+            metrics.contains("vllm:num_requests_waiting{model_name=\"m\"} 0"),
+            "{metrics}"
+        );
+        // The completion was rejected; the /ready probe was not a rejected request.
+        assert!(
+            metrics
+                .contains("mpt:requests_rejected_total{model_name=\"m\",reason=\"not_ready\"} 1"),
+            "{metrics}"
+        );
+    }
+}

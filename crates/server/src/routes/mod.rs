@@ -123,7 +123,10 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let response = next.run(request).await;
     let status = response.status().as_u16();
     state.metrics().http_request(&route, status);
-    if let Some(err) = response.extensions().get::<ApiError>() {
+    // Probe answers (503 while loading or draining) are not rejected requests.
+    if let Some(err) = response.extensions().get::<ApiError>()
+        && !matches!(route.as_str(), "/health" | "/ready")
+    {
         state.metrics().rejected(err.reason_label());
     }
     if response.extensions().get::<HandlerLogged>().is_none() {
