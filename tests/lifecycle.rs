@@ -193,7 +193,7 @@ async fn drain_lets_streams_finish_and_refuses_new_work() {
     for _ in 0..2 {
         let mut r = client()
             .post(format!("{base}/v1/completions"))
-            .json(&long_stream(400))
+            .json(&long_stream(1000))
             .send()
             .await
             .expect("sent");

@@ -168,6 +168,7 @@ impl Generation {
                 Item::Completed { prompt, usage }
             }
             Event::Failed(message) => {
+                tracing::error!(request_id = %self.request_id, error = %message, "engine failed a request");
                 self.finished = true;
                 self.outcome = "failed";
                 Item::Failed(ApiError::Internal(format!(
