@@ -36,6 +36,18 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
 }
 
+/// Most prompt tokens per step for a sequence that wants the logits of every position: each
+/// one is a vocabulary-sized row of f32 (~200 KB for MPT), so chunks stay bounded in memory.
+pub const PROMPT_LOGITS_CHUNK: usize = 256;
+
+fn chunk_cap(seq: &Sequence) -> usize {
+    if seq.wants_prompt_logits {
+        PROMPT_LOGITS_CHUNK
+    } else {
+        usize::MAX
+    }
+}
+
 /// What to run in one step.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScheduledStep {
@@ -336,7 +348,7 @@ impl Scheduler {
             }
             let id = running[i];
             let seq = &self.seqs[&id];
-            let n = seq.num_uncomputed().min(budget);
+            let n = seq.num_uncomputed().min(budget).min(chunk_cap(seq));
             if n == 0 {
                 i += 1;
                 continue;
@@ -374,7 +386,9 @@ impl Scheduler {
             let seq = &self.seqs[&id];
             let (hit_blocks, hit_hashes) = self.cached_prefix(seq);
             let cached_len = hit_blocks.len() * self.cfg.block_size;
-            let n = (seq.tokens.len() - cached_len).min(budget);
+            let n = (seq.tokens.len() - cached_len)
+                .min(budget)
+                .min(chunk_cap(seq));
             let fresh = blocks_for(cached_len + n, self.cfg.block_size) - hit_blocks.len();
             let reclaimed = hit_blocks
                 .iter()

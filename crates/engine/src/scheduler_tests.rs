@@ -211,6 +211,21 @@ fn prefix_cache_reuses_full_blocks_of_a_shared_prompt() {
 }
 
 #[test]
+fn prompt_logits_requests_are_chunked_to_bound_memory() {
+    let mut s = sched(200, 16, 8, 2048, true);
+    let a = s.add(vec![1; 600], true);
+    let st = step(&mut s);
+    assert_eq!(lens(&st), vec![(a, PROMPT_LOGITS_CHUNK)]);
+    assert_eq!(st.batch.seqs[0].logits, LogitsWanted::All);
+    step(&mut s);
+    let st = step(&mut s);
+    assert_eq!(lens(&st), vec![(a, 600 - 2 * PROMPT_LOGITS_CHUNK)]);
+    assert_eq!(st.batch.seqs[0].logits, LogitsWanted::All);
+    assert_eq!(s.get(a).expect("alive").tokens.len(), 601);
+    assert_eq!(step(&mut s).batch.seqs[0].logits, LogitsWanted::Last);
+}
+
+#[test]
 fn identical_prompt_always_computes_its_last_token() {
     let mut s = sched(16, 4, 8, 100, true);
     let a = s.add(vec![5; 8], false);
