@@ -129,6 +129,64 @@ fn sixteen_concurrent_greedy_requests_match_solo_runs() {
     wait_until(&e, "idle", |s| s.kv_blocks_used == 0 && s.num_running == 0);
 }
 
+/// A copy of a fixture checkpoint with the real tokenizer added (the fixtures ship without one).
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("../../tests/fixtures/models").join(name);
+    let dst = std::env::temp_dir().join(format!("mpt-engine-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dst).expect("temp dir");
+    for entry in std::fs::read_dir(&src).expect("fixture exists") {
+        let path = entry.expect("dir entry").path();
+        std::fs::copy(&path, dst.join(path.file_name().expect("file name"))).expect("copy");
+    }
+    std::fs::copy(
+        root.join("assets/demo/tokenizer.json"),
+        dst.join("tokenizer.json"),
+    )
+    .expect("copy");
+    dst
+}
+
+#[test]
+fn fixture_models_give_solo_outputs_in_a_mixed_batch() {
+    for name in [
+        "heads3-bin",
+        "heads6-sharded",
+        "pow2",
+        "qkln-bias-bin-sharded",
+    ] {
+        let dir = fixture_dir(name);
+        let e = engine(|c| {
+            c.model = mpt_engine::ModelSource::Dir(dir.clone());
+            c.block_size = 4;
+            c.max_num_batched_tokens = 24;
+        });
+        let reqs: Vec<GenerateRequest> = (0..16u32)
+            .map(|i| {
+                let p = (0..1 + (i as usize * 7) % 40)
+                    .map(|j| (i * 31 + j as u32 * 17) % 1000 + 1)
+                    .collect();
+                request(p, 3 + (i as usize * 5) % 20)
+            })
+            .collect();
+        let (solo, batched) = solo_and_batched(&e, &reqs);
+        assert_eq!(solo, batched, "fixture {name}");
+        wait_until(&e, "idle", |s| s.kv_blocks_used == 0);
+        drop(e);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn engine_start_reports_load_errors() {
+    let err = EngineHandle::start(EngineConfig {
+        model: mpt_engine::ModelSource::Dir("/nonexistent/model".into()),
+        ..Default::default()
+    })
+    .expect_err("no such model");
+    assert!(err.to_string().contains("/nonexistent/model"), "{err}");
+}
+
 #[test]
 fn seeded_sampling_is_the_same_alone_and_batched() {
     let e = engine(|_| {});
