@@ -2,12 +2,12 @@
 #
 # mpt-server container images.
 #
-#   CPU (works today):       docker build --target cpu  -t mpt-server:cpu .
-#   NVIDIA GPU (not yet):    docker build --target cuda -t mpt-server:cuda .
+#   CPU:          docker build --target cpu  -t mpt-server:cpu .
+#   NVIDIA GPU:   docker build --target cuda -t mpt-server:cuda .
 #
-# The cuda target is for when the `cuda` cargo feature lands (a later issue): today
-# `--features cuda` does not exist and that target fails to build. Both runtime images hold the
-# mpt-server binary only, run as a non-root user, listen on 8000 and read models from /models:
+# The cuda target builds with `--features cuda`, which compiles but has not yet run on a GPU:
+# treat the GPU image as untested. Both runtime images hold the mpt-server binary only, run as a
+# non-root user, listen on 8000 and read models from /models:
 #
 #   docker run --rm -p 8000:8000 mpt-server:cpu                      # bundled demo model
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" mpt-server:cpu --model /models/mpt-7b
@@ -63,7 +63,7 @@ EXPOSE 8000
 VOLUME ["/models"]
 ENTRYPOINT ["mpt-server"]
 
-# ---- CUDA build (for when the `cuda` feature lands) --------------------------------------------
+# ---- CUDA build (the `cuda` feature: compiles, not yet run on a GPU) ---------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-devel-${CUDA_UBUNTU} AS build-cuda
 ARG RUST_VERSION
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -75,7 +75,8 @@ ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/ca
     RUSTUP_TOOLCHAIN=${RUST_VERSION}
 RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
     | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
-# candle's CUDA kernels are compiled for this compute capability (8.0 = A100, 9.0 = H100).
+# candle's and our CUDA kernels are compiled for this compute capability (80 = A100, 90 = H100).
+# Pick CUDA_VERSION for your nodes' driver (12.8 needs driver >= 570, 13.0 needs >= 580).
 ARG CUDA_COMPUTE_CAP=80
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
