@@ -242,7 +242,7 @@ fn copy_block_forks_a_tensor_cache() {
     let model = load("pow2", DType::F32);
     let prompt = &prompts("pow2")[0];
     // Block size 8 and a prompt that ends mid-block, so the fork shares a partial block.
-    assert!(prompt.len() % 8 != 0);
+    assert!(!prompt.len().is_multiple_of(8));
     let (mut c, mut pool) = cache(&model, 8, Kind::Tensors(DType::F32));
     let mut parent = Seq::default();
     prefill(&model, &mut c, &mut pool, &mut parent, prompt, usize::MAX);

@@ -193,8 +193,10 @@ mod cuda {
     //! from tensors it holds. Kernel launches are FFI, hence the `unsafe` blocks.
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
     use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
     use super::{KernelMeta, LaunchPlan, kernel_suffix};
@@ -265,8 +267,21 @@ mod cuda {
         block_size: usize,
     }
 
+    /// An uninitialised device buffer of `like`'s element type.
+    ///
+    /// # Safety
+    /// The caller must write every element before it is read.
+    unsafe fn alloc_like<T: DeviceRepr>(
+        dev: &CudaDevice,
+        _like: &CudaView<'_, T>,
+        len: usize,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        // SAFETY: forwarded to the caller.
+        unsafe { dev.alloc::<T>(len) }
+    }
+
     fn cuda_of<'g>(
-        guard: &'g std::sync::RwLockReadGuard<'_, Storage>,
+        guard: &'g candle_core::StorageRef<'_>,
         what: &str,
     ) -> candle_core::Result<&'g CudaStorage> {
         match &**guard {
@@ -333,9 +348,9 @@ mod cuda {
                     let qs = qs.slice(q_l.start_offset()..);
                     let ks = ks.slice(k_l.start_offset()..);
                     let vs = vs.slice(v_l.start_offset()..);
-                    // SAFETY: every element is written by the kernels below (one thread per
-                    // (row, head, dim) output element).
-                    let out = unsafe { dev.alloc(meta.num_tokens * h * d)? };
+                    // SAFETY: every element is written by the kernels below (each (row, head)
+                    // output row by one block).
+                    let out = unsafe { alloc_like(&dev, &qs, meta.num_tokens * h * d)? };
                     match plan {
                         LaunchPlan::Prefill(launch) => {
                             let name = format!("paged_prefill_{suffix}");
