@@ -58,28 +58,58 @@ pub enum ConfigError {
 )]
 pub struct Cli {
     /// Model directory (config.json, tokenizer.json, weights). Without it the bundled demo model is served.
-    #[arg(long, env = "MPT_SERVER_MODEL", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_MODEL",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
     pub model: Option<PathBuf>,
     /// Name clients use in the `model` field [default: the model directory's name, or "mpt-demo"].
-    #[arg(long, env = "MPT_SERVER_SERVED_MODEL_NAME", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_SERVED_MODEL_NAME",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
     pub served_model_name: Option<String>,
     /// Address to bind [default: 0.0.0.0].
-    #[arg(long, env = "MPT_SERVER_HOST")]
+    #[arg(long, env = "MPT_SERVER_HOST", hide_env_values = true)]
     pub host: Option<String>,
     /// Port to bind; 0 picks a free one [default: 8000].
-    #[arg(long, env = "MPT_SERVER_PORT")]
+    #[arg(long, env = "MPT_SERVER_PORT", hide_env_values = true)]
     pub port: Option<u16>,
     /// Longest prompt + completion in tokens; may exceed the checkpoint's max_seq_len (ALiBi) [default: the checkpoint's max_seq_len].
-    #[arg(long, env = "MPT_SERVER_MAX_MODEL_LEN", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_MODEL_LEN",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub max_model_len: Option<usize>,
     /// Most sequences running in one engine step [default: 64].
-    #[arg(long, env = "MPT_SERVER_MAX_NUM_SEQS", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_NUM_SEQS",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub max_num_seqs: Option<usize>,
     /// Most tokens (prefill + decode) in one engine step [default: 2048].
-    #[arg(long, env = "MPT_SERVER_MAX_NUM_BATCHED_TOKENS", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_NUM_BATCHED_TOKENS",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV-cache block [default: 16].
-    #[arg(long, env = "MPT_SERVER_BLOCK_SIZE", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_BLOCK_SIZE",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub block_size: Option<usize>,
     /// KV cache size in blocks (conflicts with --kv-cache-memory).
     #[arg(
@@ -90,16 +120,26 @@ pub struct Cli {
     )]
     pub num_kv_blocks: Option<usize>,
     /// KV cache size in bytes, e.g. "2GiB", "512MiB", "1000000" [default: 1GiB].
-    #[arg(long, env = "MPT_SERVER_KV_CACHE_MEMORY", value_name = "SIZE")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_KV_CACHE_MEMORY",
+        value_name = "SIZE",
+        hide_env_values = true
+    )]
     pub kv_cache_memory: Option<String>,
     /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
-    #[arg(long, env = "MPT_SERVER_DTYPE")]
+    #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
     pub dtype: Option<String>,
     /// Compute device: cpu or cuda:N [default: cpu].
-    #[arg(long, env = "MPT_SERVER_DEVICE")]
+    #[arg(long, env = "MPT_SERVER_DEVICE", hide_env_values = true)]
     pub device: Option<String>,
     /// CPU worker threads for the model [default: physical cores].
-    #[arg(long, env = "MPT_SERVER_THREADS", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_THREADS",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub threads: Option<usize>,
     /// Require `Authorization: Bearer KEY` on /v1/* (never logged).
     #[arg(
@@ -110,10 +150,20 @@ pub struct Cli {
     )]
     pub api_key: Option<String>,
     /// Most requests waiting for a slot before new ones get 429 [default: 256].
-    #[arg(long, env = "MPT_SERVER_MAX_QUEUE_SIZE", value_name = "N")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_QUEUE_SIZE",
+        value_name = "N",
+        hide_env_values = true
+    )]
     pub max_queue_size: Option<usize>,
     /// Seconds in-flight requests may take to finish after SIGTERM before they are aborted [default: 30].
-    #[arg(long, env = "MPT_SERVER_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_SHUTDOWN_TIMEOUT",
+        value_name = "SECS",
+        hide_env_values = true
+    )]
     pub shutdown_timeout: Option<u64>,
     /// Allowed CORS origin ("*" for any); repeat for several. CORS is off when none is given.
     #[arg(
@@ -124,10 +174,15 @@ pub struct Cli {
     )]
     pub cors_allow_origin: Vec<String>,
     /// Log format: text or json [default: text].
-    #[arg(long, env = "MPT_SERVER_LOG_FORMAT")]
+    #[arg(long, env = "MPT_SERVER_LOG_FORMAT", hide_env_values = true)]
     pub log_format: Option<String>,
     /// TOML file with any of the settings above (keys in snake_case); flags and env vars override it.
-    #[arg(long, env = "MPT_SERVER_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "MPT_SERVER_CONFIG",
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub config: Option<PathBuf>,
 }
 
