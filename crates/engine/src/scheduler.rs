@@ -1,10 +1,11 @@
 //! Continuous-batching scheduler: decides, every step, which sequences run and with how many
 //! tokens, and owns the KV block bookkeeping. Pure Rust, no tensors.
 //!
-//! Policy: running sequences go first, oldest first, each with all its uncomputed tokens (one
-//! for a decode, the rest of a prompt for a chunked prefill) within the step's token budget;
-//! when blocks run out the newest running sequence is preempted (its blocks freed, its tokens
-//! recomputed later). Then waiting sequences are admitted strictly FCFS while `max_num_seqs`,
+//! Policy: running sequences go first — decodes before prompt chunks, each group oldest first —
+//! each with all its uncomputed tokens (one for a decode, the rest of a prompt for a chunked
+//! prefill) within the step's token budget, so a long prefill never stalls running streams;
+//! when blocks run out the newest running sequence not yet scheduled in this step is preempted
+//! (its blocks freed, its tokens recomputed later). Then waiting sequences are admitted strictly FCFS while `max_num_seqs`,
 //! the token budget and free blocks allow; a prompt larger than the budget is prefilled in
 //! chunks over several steps. Nothing is admitted in a step that preempted.
 //!
@@ -337,41 +338,56 @@ impl Scheduler {
     pub fn schedule(&mut self) -> ScheduledStep {
         let mut step = ScheduledStep::default();
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut running = self.running.clone();
-        running.sort_by_key(|id| self.seqs[id].order_key());
+        // Decodes first (so a long prefill never stalls running streams), each group oldest
+        // first; `pending` holds the running sequences not yet handled, in that order.
+        let mut pending = self.running.clone();
+        pending.sort_by_key(|id| {
+            let seq = &self.seqs[id];
+            (seq.num_uncomputed() > 1, seq.order_key())
+        });
+        pending.reverse(); // pop() yields the next one to schedule
 
-        // 1. Running sequences, oldest first; preempt the newest when blocks run out.
-        let mut i = 0;
-        while i < running.len() {
+        // 1. Running sequences; when blocks run out, preempt the newest one not yet scheduled.
+        while let Some(id) = pending.pop() {
             if budget == 0 || step.seq_ids.len() == self.cfg.max_num_seqs {
                 break;
             }
-            let id = running[i];
             let seq = &self.seqs[&id];
             let n = seq.num_uncomputed().min(budget).min(chunk_cap(seq));
             if n == 0 {
-                i += 1;
                 continue;
             }
             let new_len = seq.num_computed + n;
             let mut preempted_self = false;
             while self.blocks_needed(&self.seqs[&id], new_len) > self.allocator.num_free() {
-                let victim = running.pop().expect("running is non-empty: this is a bug");
+                let newest = pending
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, v)| self.seqs[*v].order_key())
+                    .map(|(i, &v)| (i, v));
+                let victim = match newest {
+                    Some((i, v)) if self.seqs[&v].order_key() > self.seqs[&id].order_key() => {
+                        pending.remove(i);
+                        v
+                    }
+                    _ => {
+                        preempted_self = true;
+                        id
+                    }
+                };
                 self.preempt(victim);
                 step.preempted.push(victim);
-                if victim == id {
-                    preempted_self = true;
+                if preempted_self {
                     break;
                 }
             }
             if preempted_self {
-                break;
+                continue;
             }
             self.grow(id, new_len, &mut step.copies);
             step.batch.seqs.push(self.chunk_for(id, n));
             step.seq_ids.push(id);
             budget -= n;
-            i += 1;
         }
 
         // 2. Waiting sequences, strictly FCFS.

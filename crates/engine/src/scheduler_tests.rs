@@ -211,6 +211,27 @@ fn prefix_cache_reuses_full_blocks_of_a_shared_prompt() {
 }
 
 #[test]
+fn decodes_go_before_an_older_sequence_recomputing_its_prompt() {
+    let mut s = sched(64, 4, 8, 12, false);
+    let old = s.add(vec![1; 30], false);
+    let young = s.add(vec![2; 2], false);
+    // old prefills in chunks of the whole budget; young waits (strict FCFS admission).
+    assert_eq!(lens(&step(&mut s)), vec![(old, 12)]);
+    assert_eq!(lens(&step(&mut s)), vec![(old, 12)]);
+    assert_eq!(lens(&step(&mut s)), vec![(old, 6), (young, 2)]);
+    // Both decode; then a 30-token prefill of a newcomer is chunked behind the decodes.
+    let third = s.add(vec![3; 30], false);
+    let st = step(&mut s);
+    assert_eq!(lens(&st), vec![(old, 1), (young, 1), (third, 10)]);
+    let st = step(&mut s);
+    assert_eq!(
+        lens(&st),
+        vec![(old, 1), (young, 1), (third, 10)],
+        "decodes keep flowing"
+    );
+}
+
+#[test]
 fn prompt_logits_requests_are_chunked_to_bound_memory() {
     let mut s = sched(200, 16, 8, 2048, true);
     let a = s.add(vec![1; 600], true);
