@@ -341,12 +341,14 @@ pub fn validate_completion(
         return Err(bad("suffix", "suffix is not supported by this server"));
     }
     let prompts = parse_prompt(req.prompt.as_ref(), ctx.vocab_size)?;
+    // No upper bound of its own: an oversized max_tokens is a context-length error, reported
+    // below with the numbers (as vLLM does).
     let max_tokens = count(
         "max_tokens",
         req.max_tokens,
         DEFAULT_MAX_TOKENS,
         0,
-        ctx.max_model_len,
+        u32::MAX as usize,
     )?;
     let n = count("n", req.n, 1, 1, MAX_N)?;
     let best_of = count("best_of", req.best_of, n, 1, MAX_N)?;
@@ -494,7 +496,7 @@ pub fn validate_chat(
     };
     let max_tokens = match value {
         None => room,
-        Some(v) => count(param, Some(v), 0, 1, ctx.max_model_len)?,
+        Some(v) => count(param, Some(v), 0, 1, u32::MAX as usize)?,
     };
     if ids.len() >= ctx.max_model_len || max_tokens > room {
         check_context(ids.len(), max_tokens.max(1), ctx.max_model_len)?;

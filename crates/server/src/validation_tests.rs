@@ -77,6 +77,25 @@ fn completion_defaults_and_fields() {
 }
 
 #[test]
+fn max_tokens_beyond_the_context_is_a_context_length_error() {
+    let t = tokenizer();
+    let err = validate_completion(
+        &completion(json!({"prompt": [1, 2], "max_tokens": 100_000})),
+        &ctx(&t),
+        "x",
+    )
+    .expect_err("cannot fit");
+    let body = err.body().error;
+    assert_eq!(body.code.as_deref(), Some("context_length_exceeded"));
+    assert!(
+        body.message
+            .contains("100002 tokens (2 in the prompt, 100000 for the completion)"),
+        "{}",
+        body.message
+    );
+}
+
+#[test]
 fn context_length_is_checked_with_numbers() {
     let t = tokenizer();
     let err = validate_completion(
