@@ -148,7 +148,7 @@ struct GroupTensors {
 pub(crate) struct TensorPlan {
     /// Inputs of our CUDA kernels when they compute the attention (then `groups` is empty).
     #[cfg(feature = "cuda")]
-    kernels: Option<super::attention_kernels::KernelInputs>,
+    kernels: Option<super::attention_cuda::KernelInputs>,
     /// `(tokens, n_heads · head_dim)` u32 destination rows for `scatter_set`.
     write_rows: Tensor,
     groups: Vec<GroupTensors>,
@@ -170,7 +170,8 @@ impl TensorPlan {
         let mut host = HostPlan::new(batch, geom.block_size);
         #[cfg(feature = "cuda")]
         let kernels = if cuda_kernels {
-            use super::attention_kernels::{KernelInputs, KernelMeta};
+            use super::attention_cuda::KernelInputs;
+            use super::attention_kernels::KernelMeta;
             host.groups.clear();
             host.unpad = None;
             let meta = KernelMeta::pack(batch, geom.block_size)?;
@@ -258,7 +259,7 @@ pub(crate) fn attention(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(inputs) = &plan.kernels {
-        return super::attention_kernels::attention(inputs, k_pool, v_pool, q, scale);
+        return super::attention_cuda::attention(inputs, k_pool, v_pool, q, scale);
     }
     let (_, block_size, heads, head_dim) = k_pool.dims4()?;
     let dtype = q.dtype();

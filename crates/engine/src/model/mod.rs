@@ -2,6 +2,9 @@
 
 pub mod alibi;
 mod attention;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod attention_cuda;
 mod attention_kernels;
 mod attention_tensor;
 pub mod batch;
