@@ -362,6 +362,7 @@ impl Engine {
             prompt_tokens: req.req.prompt_token_ids.len(),
             completion_tokens,
         };
+        tracing::debug!(request_id = %req.req.request_id, ?usage, ?timings, "request completed");
         req.send(Event::Completed { usage, timings });
     }
 
