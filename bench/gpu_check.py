@@ -6,9 +6,10 @@ transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--smok
     instantiations), transformers' MptForCausalLM in float32 gives the reference logits for every
     prompt position and a greedy continuation. Our binary (examples/gpu_check.rs) runs the same
     prompts on the CPU path (f32) and on the GPU in bf16 with both attention paths (candle tensor
-    ops, our CUDA kernels), whole prompts and 64-token chunks mixed with decodes. Each run passes
-    when ||ours - ref|| / ||ref|| <= max(1e-2, 1.5 x transformers' own bf16 error) and the greedy
-    tokens equal the reference's while its top-1/top-2 margin is > 0.05.
+    ops, our CUDA kernels), whole prompts and 64-token chunks mixed with decodes, and once more in
+    f32. A bf16 run passes when ||ours - ref|| / ||ref|| <= max(1e-2, 1.5 x transformers' own bf16
+    error), an f32 run when it is <= 1e-4; greedy tokens must equal the reference's while its
+    top-1/top-2 margin is > 0.05.
 (b) Speed. Dummy weights at MPT-7B and MPT-30B shapes: decode ms/step at batch 1, 16, 64 (context
     512) and prefill tokens/s (2048 tokens), each against its floor: weights (+ the KV cache a
     decode step reads) / measured device copy bandwidth, and 2 x params x tokens / measured bf16
@@ -156,10 +157,12 @@ def correctness() -> None:
         gpu_dtype = "f32" if SMOKE else "bf16"
         for attention in ["tensor"] if SMOKE else ["tensor", "kernels"]:
             runs += [(DEV, gpu_dtype, attention, "max"), (DEV, gpu_dtype, attention, "64")]
+            if not SMOKE:  # f32 on the GPU: a tight check of the kernels' indexing and masking
+                runs.append((DEV, "f32", attention, "64"))
         outputs = {}
         for device, dtype, attention, chunk in runs:
             name = f"hd{hd} {device} {dtype} {attention} chunk={chunk}"
-            out = WORK / f"out-{n}-{device}-{attention}-{chunk}.safetensors"
+            out = WORK / f"out-{n}-{device}-{dtype}-{attention}-{chunk}.safetensors"
             args = ["logits", "--model", str(path), "--prompts", str(WORK / "prompts.json"),
                     "--out", str(out), "--device", device, "--dtype", dtype,
                     "--attention", attention, "--greedy", str(GREEDY)]
