@@ -43,6 +43,7 @@ SERVER=$ROOT/target/release/mpt-server
 log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 mkdir -p "$WORK" "$OUT"
+rm -f "$OUT/loadavg.txt"
 
 # ---- python -----------------------------------------------------------------------------------
 if [[ -n ${BENCH_PYTHON:-} ]]; then
@@ -123,13 +124,13 @@ stop_server() {
 }
 trap stop_server EXIT INT TERM
 
-wait_ready() { # port, log file
+wait_ready() { # port, readiness path (200 once the model is loaded), log file
   for _ in $(seq 1 300); do
-    if curl -sf -o /dev/null "http://127.0.0.1:$1/health"; then return 0; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited: see $2"
+    if curl -sf -o /dev/null "http://127.0.0.1:$1$2"; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || die "server exited: see $3"
     sleep 1
   done
-  die "server on port $1 not ready after 300 s: see $2"
+  die "server on port $1 not ready after 300 s: see $3"
 }
 
 if [[ ${BENCH_QUICK:-0} == 1 ]]; then
@@ -141,6 +142,8 @@ fi
 run_load() { # label, port
   local label=$1 port=$2 dir=$OUT/$1
   mkdir -p "$dir"
+  # The machine is shared: record how busy it was, next to the numbers.
+  echo "$label: load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/loadavg.txt"
   local common=(--url "http://127.0.0.1:$port/v1/completions" --model "$MODEL_NAME"
     --label "$label" --seed 1 --warmup 2 --max-duration "$CAP" --grace 60
     --request-timeout 300 --no-progress)
@@ -159,7 +162,7 @@ if [[ ${BENCH_ONLY:-ours} != llama ]]; then
     --port "$PORT_OURS" --threads "$THREADS" --max-num-seqs "$PARALLEL" --dtype f32 \
     >"$OUT/mpt-server.log" 2>&1 &
   SERVER_PID=$!
-  wait_ready "$PORT_OURS" "$OUT/mpt-server.log"
+  wait_ready "$PORT_OURS" /ready "$OUT/mpt-server.log"
   run_load mpt-serve "$PORT_OURS"
   stop_server
 fi
@@ -171,7 +174,7 @@ if [[ ${BENCH_ONLY:-llama} != ours ]]; then
     -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * 1024)) \
     >"$OUT/llama-server.log" 2>&1 &
   SERVER_PID=$!
-  wait_ready "$PORT_LLAMA" "$OUT/llama-server.log"
+  wait_ready "$PORT_LLAMA" /health "$OUT/llama-server.log"
   run_load llama-server "$PORT_LLAMA"
   stop_server
 fi
@@ -186,6 +189,8 @@ if [[ -f $OUT/mpt-serve/decode.json && -f $OUT/llama-server/decode.json ]]; then
     echo
     echo "Machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores;" \
       "threads $THREADS, parallel sequences $PARALLEL; llama-cpp-python $LLAMA_CPP_PYTHON sdist."
+    echo
+    sed 's/^/- /' "$OUT/loadavg.txt"
   } >>"$OUT/comparison.md"
   log "table: $OUT/comparison.md, chart: $OUT/benchmark-decode.png"
 fi
