@@ -8,6 +8,7 @@ mod attention_cuda;
 mod attention_kernels;
 mod attention_tensor;
 pub mod batch;
+mod linear;
 pub mod loader;
 pub mod mpt;
 

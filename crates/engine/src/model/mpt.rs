@@ -8,13 +8,13 @@
 //! chunks and decode tokens of many sequences) and only computes logits for rows that need them.
 
 use candle_core::{D, DType, Device, Tensor};
-use candle_nn::{Linear, Module};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::alibi::alibi_slopes;
 use super::attention::{TokenSlot, paged_attention, write_kv};
 use super::attention_tensor::{self, TensorPlan};
 use super::batch::ModelBatch;
+use super::linear::Linear;
 use super::loader::{DummyWeights, WeightFiles};
 use crate::config::{ModelSource, MptConfig};
 use crate::demo;
@@ -54,6 +54,8 @@ struct Block {
 pub struct Mpt {
     config: MptConfig,
     wte: Tensor,
+    /// `wte` again, as the tied output projection.
+    lm_head: Linear,
     blocks: Vec<Block>,
     norm_f: Norm,
     slopes: Vec<f32>,
@@ -207,6 +209,7 @@ impl Mpt {
             softmax_scale: config.softmax_scale() as f32,
             logit_scale: config.logit_scale_value()?,
             config,
+            lm_head: Linear::new(wte.clone(), None),
             wte,
             blocks,
             norm_f,
@@ -328,7 +331,7 @@ impl Mpt {
             x.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?
         };
         let h = self.norm_f.forward(&h)?;
-        let mut logits = h.matmul(&self.wte.t()?)?.to_dtype(DType::F32)?;
+        let mut logits = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
         if let Some(scale) = self.logit_scale {
             logits = (logits * scale)?;
         }
