@@ -391,11 +391,20 @@ pub(crate) fn load(config: &EngineConfig) -> Result<(Loaded, Ready)> {
     if max_model_len == 0 {
         return Err(EngineError::setting("max_model_len", "must be at least 1"));
     }
+    // The CPU cache is f32 host memory whatever the weights are; on a GPU the pools hold the
+    // model's dtype.
+    let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
     let num_blocks = match config.kv_cache {
         KvCacheSize::Blocks(n) => n,
-        KvCacheSize::Bytes(bytes) => KvCache::blocks_for_bytes(&mcfg, config.block_size, bytes),
+        KvCacheSize::Bytes(bytes) => {
+            KvCache::blocks_for_bytes_dtype(&mcfg, config.block_size, kv_dtype, bytes)
+        }
     };
-    let cache = KvCache::new(&mcfg, num_blocks, config.block_size, &device)?;
+    let cache = if device.is_cpu() {
+        KvCache::new(&mcfg, num_blocks, config.block_size, &device)?
+    } else {
+        KvCache::new_tensors(&mcfg, num_blocks, config.block_size, &device, dtype)?
+    };
     let sched = Scheduler::new(SchedulerConfig {
         num_blocks,
         block_size: config.block_size,
