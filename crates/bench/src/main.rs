@@ -62,6 +62,9 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
+        // Servers close idle keep-alive connections (llama-server after 5 s); dropping ours
+        // sooner keeps a request from being sent on a connection the server is closing.
+        .pool_idle_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .build()
         .context("building the HTTP client")?;
