@@ -1,6 +1,6 @@
 //! The bundled demo checkpoint, compiled into the binary so the server runs with no model
-//! directory: a tiny random-weight MPT with the real GPT-NeoX-20B tokenizer, made by
-//! `tests/fixtures/generate.py`.
+//! directory: a tiny MPT trained on Shakespeare, with the real GPT-NeoX-20B tokenizer, made by
+//! `tests/fixtures/train_demo.py` (model card: `assets/demo/README.md`).
 
 /// The demo model's `config.json`.
 pub const CONFIG_JSON: &str = include_str!("../assets/demo/config.json");

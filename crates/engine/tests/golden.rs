@@ -381,6 +381,9 @@ fn prompt_longer_than_max_seq_len_runs_and_matches() {
 }
 
 #[test]
+/// The bundled demo is the trained Shakespeare model: its greedy continuations, recorded by
+/// `tests/fixtures/train_demo.py` with `transformers`, guard the ALiBi path on real (peaked)
+/// attention patterns.
 fn bundled_demo_model_matches_the_reference_and_its_tokenizer() {
     let model = Mpt::load(&ModelSource::Demo, &Device::Cpu, DType::F32).expect("demo loads");
     let expected = Expected::load(&fixtures_dir().join("demo-expected.safetensors"));
@@ -410,20 +413,26 @@ fn bundled_demo_model_matches_the_reference_and_its_tokenizer() {
             &expected.floats(&format!("last_logits.{i}")),
         );
         assert!(err <= MAX_REL_ERR, "demo prompt {i}: rel err {err}");
+        let reference = expected.ids(&format!("greedy.{i}"));
         let ours = greedy(
             &model,
             &mut cache,
             &mut pool,
             &mut seq,
             logits.last().unwrap(),
-            20,
+            reference.len(),
         );
-        assert_greedy_matches(
+        let compared = assert_greedy_matches(
             "demo",
             i,
             &ours,
-            &expected.ids(&format!("greedy.{i}")),
+            &reference,
             &expected.floats(&format!("margin.{i}")),
+        );
+        // A trained model has clear margins: most of the recorded continuation must be checked.
+        assert!(
+            compared >= reference.len() / 2,
+            "demo prompt {i}: only {compared} steps compared"
         );
     }
 }
