@@ -187,6 +187,7 @@ pub(crate) fn kernel_suffix(dtype: DType, head_dim: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::attention::pseudo_random;
     use crate::model::batch::{LogitsWanted, SeqChunk};
 
     fn chunk(tokens: usize, start_pos: usize, block_table: Vec<u32>) -> SeqChunk {
@@ -388,18 +389,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]

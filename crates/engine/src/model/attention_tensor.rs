@@ -306,6 +306,7 @@ pub(crate) fn attention(
 mod tests {
     use super::*;
     use crate::kv_cache::cache::LayerKv;
+    use crate::model::attention::pseudo_random;
     use crate::model::attention::{TokenSlot, paged_attention, write_kv as cpu_write_kv};
     use crate::model::batch::{LogitsWanted, SeqChunk};
 
@@ -355,18 +356,6 @@ mod tests {
             seqs: vec![chunk(5, 0, vec![4, 1])],
         };
         assert_eq!(HostPlan::new(&one_prefill, 4).unpad, None);
-    }
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     /// Runs the same steps through the CPU kernel and the tensor path and compares every output:
