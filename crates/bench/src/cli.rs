@@ -77,6 +77,21 @@ pub struct RunArgs {
     /// Per-request time limit in seconds.
     #[arg(long, default_value_t = 600.0, value_name = "SECS")]
     pub request_timeout: f64,
+    /// Read each request's server-side prefill time (a response's `timings.prompt_ms`, or the
+    /// `vllm:request_prefill_time_seconds` diff on /metrics at concurrency 1) and report TTFT
+    /// minus it: the server's overhead.
+    #[arg(long)]
+    pub server_timings: bool,
+    /// Prometheus endpoint of the server [default: /metrics on the --url host].
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+    /// Seconds between samples of the KV-cache gauges (mpt:kv_cache_*) during levels; 0 = off.
+    #[arg(long, default_value_t = 0.5, value_name = "SECS")]
+    pub kv_sample_interval: f64,
+    /// KV token slots each sequence holds for its whole life, for servers without KV gauges
+    /// (llama-server: -c / -np): KV waste is then estimated from the request shapes.
+    #[arg(long, value_name = "TOKENS")]
+    pub kv_slots_per_seq: Option<u64>,
     /// Scenario name stored in the results (e.g. `decode`, `prefill`).
     #[arg(long, default_value = "default")]
     pub scenario: String,
@@ -164,6 +179,13 @@ impl RunArgs {
         }
     }
 
+    /// The metrics endpoint: `--metrics-url`, else `/metrics` on the `--url` host.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_url
+            .clone()
+            .or_else(|| crate::scrape::metrics_url(&self.url))
+    }
+
     /// The label: `--label`, else the URL's host and port.
     pub fn label(&self) -> String {
         if let Some(l) = &self.label {
@@ -183,6 +205,12 @@ impl RunArgs {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{name} {v}: must be a positive number of seconds"));
             }
+        }
+        if !(self.kv_sample_interval.is_finite() && self.kv_sample_interval >= 0.0) {
+            return Err(format!(
+                "--kv-sample-interval {}: must be 0 (off) or a positive number of seconds",
+                self.kv_sample_interval
+            ));
         }
         Ok(())
     }
@@ -251,6 +279,24 @@ mod tests {
                 .expect("parses")
                 .check_times()
                 .is_err()
+        );
+        assert!(
+            parse(&["--kv-sample-interval=-1"])
+                .expect("parses")
+                .check_times()
+                .is_err()
+        );
+        let a = parse(&["--kv-sample-interval", "0", "--server-timings"]).expect("parses");
+        assert!(a.check_times().is_ok() && a.server_timings);
+        assert_eq!(
+            a.metrics_url().as_deref(),
+            Some("http://127.0.0.1:8000/metrics")
+        );
+        let a = parse(&["--metrics-url", "http://h:1/m", "--kv-slots-per-seq", "1024"])
+            .expect("parses");
+        assert_eq!(
+            (a.metrics_url().as_deref(), a.kv_slots_per_seq),
+            (Some("http://h:1/m"), Some(1024))
         );
         let a = parse(&["--extra-body", r#"{"cache_prompt":false}"#]).expect("parses");
         assert_eq!(a.extra_body().expect("object")["cache_prompt"], false);

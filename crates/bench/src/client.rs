@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
 use crate::sse::{SseParser, parse_chunk};
-use crate::stats::RequestRecord;
+use crate::stats::{RequestRecord, TimingSource};
 use crate::workload::PlannedRequest;
 
 /// Where and how to send requests.
@@ -30,6 +30,8 @@ pub struct Target {
     pub extra_body: Map<String, Value>,
     /// Per-request time limit.
     pub request_timeout: Duration,
+    /// Keep the server-reported prefill time a response carries (`timings.prompt_ms`).
+    pub server_timings: bool,
 }
 
 /// The JSON body for one request.
@@ -102,6 +104,10 @@ impl StreamTimer {
             self.last_text = Some(now);
             self.text_chunks += 1;
         }
+        if let Some(t) = chunk.timings {
+            self.record.server_prefill_s = Some(t.prompt_ms / 1000.0);
+            self.record.server_timing_source = Some(TimingSource::ResponseTimings);
+        }
         if let Some(u) = chunk.usage {
             if u.prompt_tokens.is_some() {
                 self.record.prompt_tokens = u.prompt_tokens;
@@ -135,8 +141,22 @@ impl StreamTimer {
     }
 }
 
-/// Sends one request and times its stream.
+/// Sends one request and times its stream (keeping server timings only if the target asks).
 pub async fn send(
+    client: &reqwest::Client,
+    target: &Target,
+    req: &PlannedRequest,
+    start_s: f64,
+) -> RequestRecord {
+    let mut record = send_timed(client, target, req, start_s).await;
+    if !target.server_timings {
+        record.server_prefill_s = None;
+        record.server_timing_source = None;
+    }
+    record
+}
+
+async fn send_timed(
     client: &reqwest::Client,
     target: &Target,
     req: &PlannedRequest,
@@ -208,6 +228,7 @@ mod tests {
             temperature: 0.0,
             extra_body: extra,
             request_timeout: Duration::from_secs(1),
+            server_timings: true,
         }
     }
 
@@ -234,7 +255,7 @@ mod tests {
         assert!(timer.on_event(r#"{"choices":[{"text":"y"}]}"#, b));
         assert!(timer.on_event(r#"{"choices":[{"text":"z","finish_reason":"length"}]}"#, c));
         assert!(timer.on_event(
-            r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3},"timings":{"prompt_n":2,"prompt_ms":99.5}}"#,
             c
         ));
         assert!(!timer.on_event("[DONE]", d));
@@ -246,6 +267,8 @@ mod tests {
         assert!((r.itl_s[0] - 0.03).abs() < 1e-9 && (r.itl_s[1] - 0.04).abs() < 1e-9);
         assert!((r.e2e_s - 0.171).abs() < 1e-9);
         assert_eq!((r.prompt_tokens, r.output_tokens), (Some(2), 3));
+        assert_eq!(r.server_prefill_s, Some(0.0995), "llama-server's timings.prompt_ms");
+        assert_eq!(r.server_timing_source, Some(TimingSource::ResponseTimings));
         assert!(t0 <= d);
     }
 

@@ -15,7 +15,8 @@ use mpt_bench::chart;
 use mpt_bench::cli::{Cli, Command, CompareArgs, RunArgs};
 use mpt_bench::client::{Target, send};
 use mpt_bench::report::{RunResult, RunSettings, compare_markdown, console_table};
-use mpt_bench::runner::{Limits, run_level};
+use mpt_bench::runner::{Endpoint, Limits, run_level};
+use mpt_bench::scrape::{ServerProbe, scrape};
 use mpt_bench::workload::plan_requests;
 
 fn main() -> Result<()> {
@@ -59,6 +60,7 @@ async fn run(args: RunArgs) -> Result<()> {
         temperature: args.temperature,
         extra_body: args.extra_body().map_err(anyhow::Error::msg)?,
         request_timeout: Duration::from_secs_f64(args.request_timeout),
+        server_timings: args.server_timings,
     };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
@@ -96,6 +98,13 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
 
+    let probe = probe_server(&client, &args).await;
+    let endpoint = Endpoint {
+        client: client.clone(),
+        target: target.clone(),
+        probe,
+    };
+
     let mut result = RunResult {
         scenario: args.scenario.clone(),
         label: args.label(),
@@ -120,16 +129,7 @@ async fn run(args: RunArgs) -> Result<()> {
         let seed = args.seed.wrapping_add(i as u64 + 1);
         let plan = plan_requests(count, args.prompt_tokens, args.output_tokens, seed);
         let bar = progress(&args, count, load.label());
-        let (level, _records) = run_level(
-            client.clone(),
-            target.clone(),
-            load,
-            plan,
-            seed,
-            limits,
-            bar,
-        )
-        .await;
+        let (level, _records) = run_level(endpoint.clone(), load, plan, seed, limits, bar).await;
         result.levels.push(level);
         if let Some(path) = &args.output {
             write_json(path, &result)?;
@@ -148,6 +148,40 @@ async fn run(args: RunArgs) -> Result<()> {
         bail!("no request succeeded");
     }
     Ok(())
+}
+
+/// Scrapes the server's /metrics once (after warm-up) and says on stderr what it offers.
+async fn probe_server(client: &reqwest::Client, args: &RunArgs) -> ServerProbe {
+    let kv_interval = Duration::from_secs_f64(args.kv_sample_interval);
+    let url = args.metrics_url();
+    let wanted = args.server_timings || !kv_interval.is_zero();
+    let samples = match (&url, wanted) {
+        (Some(u), true) => match scrape(client, u).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("server metrics: none ({e})");
+                None
+            }
+        },
+        _ => None,
+    };
+    let probe = ServerProbe::detect(url, samples.as_ref(), kv_interval, args.kv_slots_per_seq);
+    if args.server_timings {
+        eprintln!(
+            "server prefill times: {}",
+            if probe.prefill_from_metrics {
+                "/metrics vllm:request_prefill_time_seconds, diffed around each request at concurrency 1"
+            } else {
+                "a response's `timings.prompt_ms` if the server sends one (no prefill histogram on /metrics)"
+            }
+        );
+    }
+    if probe.kv_from_metrics {
+        eprintln!("KV waste: sampling mpt:kv_cache_* every {kv_interval:?}");
+    } else if let Some(n) = probe.kv_slots_per_seq {
+        eprintln!("KV waste: no KV gauges; estimated from {n} slots per sequence");
+    }
+    probe
 }
 
 fn write_json(path: &Path, result: &RunResult) -> Result<()> {

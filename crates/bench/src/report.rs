@@ -3,7 +3,8 @@
 //! Invariants: the JSON file holds everything needed to redraw charts and tables later (settings
 //! and every level's aggregate); a comparison only pairs levels with the same load, and every
 //! ratio is oriented so that > 1 means the candidate is better (throughput: candidate/baseline;
-//! latency: baseline/candidate); a missing figure prints as `–`, never as 0.
+//! latency: baseline/candidate); a missing figure prints as `–`, never as 0; a server-side
+//! figure (overhead, KV waste) is always printed next to the method that produced it.
 
 use std::fmt::Write as _;
 
@@ -107,6 +108,28 @@ pub fn console_table(run: &RunResult) -> String {
             num(p50(&l.decode_tok_s)),
             num(p50(&l.prefill_tok_s)),
         );
+        if let Some(o) = &l.overhead_ms {
+            let _ = writeln!(
+                out,
+                "  server overhead (TTFT − server prefill, {}): p50 {} ms, p90 {} ms; server prefill p50 {} ms, queue p50 {} ms",
+                l.overhead_method.as_deref().unwrap_or("?"),
+                num(Some(o.p50)),
+                num(Some(o.p90)),
+                num(p50(&l.server_prefill_ms)),
+                num(p50(&l.server_queue_ms)),
+            );
+        }
+        if let Some(w) = &l.kv_waste {
+            let _ = writeln!(
+                out,
+                "  KV waste ({}): mean {}%, max {}%, overall {}% over {} samples",
+                w.method,
+                num(Some(w.mean_pct)),
+                num(Some(w.max_pct)),
+                num(Some(w.overall_pct)),
+                w.samples
+            );
+        }
         if l.output_length_mismatches > 0 {
             let _ = writeln!(
                 out,
@@ -133,8 +156,9 @@ enum Better {
 type Metric = (&'static str, Better, fn(&LevelResult) -> Option<f64>);
 
 /// The metrics a comparison row set shows. Prefill speed only makes sense when the output is a
-/// single token (TTFT is then almost all prefill), and decode speed only when it is longer.
-fn metrics(level: &LevelResult) -> Vec<Metric> {
+/// single token (TTFT is then almost all prefill), and decode speed only when it is longer;
+/// server overhead and KV waste when either side measured them.
+fn metrics(level: &LevelResult, other: &LevelResult) -> Vec<Metric> {
     let mut m: Vec<Metric> = Vec::new();
     if level.mean_output_tokens <= 1.0 {
         m.push(("prefill tok/s (p50)", Better::Higher, |l| {
@@ -152,7 +176,44 @@ fn metrics(level: &LevelResult) -> Vec<Metric> {
         m.push(("TPOT p50 (ms)", Better::Lower, |l| p50(&l.tpot_ms)));
         m.push(("e2e p50 (ms)", Better::Lower, |l| p50(&l.e2e_ms)));
     }
+    if level.overhead_ms.is_some() || other.overhead_ms.is_some() {
+        m.push(("server overhead p50 (ms): TTFT − server prefill", Better::Lower, |l| {
+            p50(&l.overhead_ms)
+        }));
+        m.push(("server overhead p90 (ms)", Better::Lower, |l| {
+            l.overhead_ms.map(|s| s.p90)
+        }));
+        m.push(("server-reported prefill p50 (ms)", Better::Lower, |l| {
+            p50(&l.server_prefill_ms)
+        }));
+    }
+    if level.kv_waste.is_some() || other.kv_waste.is_some() {
+        m.push(("KV waste mean (%)", Better::Lower, |l| {
+            l.kv_waste.as_ref().map(|w| w.mean_pct)
+        }));
+        m.push(("KV waste max (%)", Better::Lower, |l| {
+            l.kv_waste.as_ref().map(|w| w.max_pct)
+        }));
+    }
     m
+}
+
+/// The "how measured" rows under the server-side figures: (row name, candidate, baseline).
+fn method_rows(c: &LevelResult, b: &LevelResult) -> Vec<(&'static str, String, String)> {
+    let mut rows = Vec::new();
+    let text = |s: Option<&str>| s.unwrap_or("not measured").replace('|', "/");
+    if c.overhead_ms.is_some() || b.overhead_ms.is_some() {
+        rows.push((
+            "server prefill read from",
+            text(c.overhead_method.as_deref()),
+            text(b.overhead_method.as_deref()),
+        ));
+    }
+    if c.kv_waste.is_some() || b.kv_waste.is_some() {
+        let w = |l: &LevelResult| text(l.kv_waste.as_ref().map(|w| w.method.as_str()));
+        rows.push(("KV waste method", w(c), w(b)));
+    }
+    rows
 }
 
 /// `candidate` over `baseline` oriented so that > 1 favours the candidate.
@@ -203,7 +264,7 @@ pub fn compare_markdown(pairs: &[(RunResult, RunResult)]) -> String {
                 work(cl),
                 work(bl)
             );
-            for (name, better, get) in metrics(cl) {
+            for (name, better, get) in metrics(cl, bl) {
                 let (cv, bv) = (get(cl), get(bl));
                 let ratio = match (cv, bv) {
                     (Some(x), Some(y)) => advantage(x, y, better == Better::Higher),
@@ -218,6 +279,14 @@ pub fn compare_markdown(pairs: &[(RunResult, RunResult)]) -> String {
                     num(cv),
                     num(bv),
                     ratio.map_or("–".into(), |r| format!("{r:.2}×")),
+                );
+            }
+            for (name, cm, bm) in method_rows(cl, bl) {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {name} | {cm} | {bm} | |",
+                    c.scenario,
+                    cl.load.label()
                 );
             }
         }
@@ -242,7 +311,7 @@ mod tests {
             output_tokens,
             requested_output_tokens: output_tokens,
             requested_prompt_tokens: 64,
-            error: None,
+            ..RequestRecord::default()
         };
         RunResult {
             scenario: "decode".into(),
@@ -296,6 +365,49 @@ mod tests {
             "{table}"
         );
         assert!(!table.contains("decode tok/s"));
+    }
+
+    #[test]
+    fn server_side_rows_appear_with_their_methods() {
+        use crate::scrape::KvWaste;
+        let (mut ours, mut theirs) = (run("ours", 50.0, 1), run("llama", 50.0, 1));
+        let summary = |p50: f64| crate::stats::summarize(&[p50, p50], 1.0);
+        ours.levels[0].overhead_ms = summary(0.5);
+        ours.levels[0].server_prefill_ms = summary(99.5);
+        ours.levels[0].overhead_method = Some("/metrics diff".into());
+        theirs.levels[0].overhead_ms = summary(2.0);
+        theirs.levels[0].overhead_method = Some("response timings".into());
+        theirs.levels[0].kv_waste = Some(KvWaste {
+            method: "estimated from settings".into(),
+            samples: 4,
+            mean_pct: 81.25,
+            max_pct: 87.5,
+            overall_pct: 81.25,
+        });
+        let table = compare_markdown(&[(ours.clone(), theirs)]);
+        let row = |key: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(key))
+                .unwrap_or_else(|| panic!("no {key} row in\n{table}"))
+                .to_string()
+        };
+        assert!(
+            row("server overhead p50").ends_with("| 0.50 | 2.00 | 4.00× |"),
+            "{table}"
+        );
+        assert!(row("server-reported prefill").contains("| 99.5 | – | – |"));
+        assert!(row("server prefill read from").contains("| /metrics diff | response timings | |"));
+        assert!(row("KV waste mean").contains("| – | 81.2 | – |"), "{table}");
+        assert!(row("KV waste method").contains("| not measured | estimated from settings |"));
+        // Nothing server-side measured: no such rows.
+        let plain = compare_markdown(&[(run("a", 50.0, 5), run("b", 50.0, 5))]);
+        assert!(!plain.contains("overhead") && !plain.contains("KV waste"));
+        let console = console_table(&ours);
+        assert!(
+            console.contains("server overhead (TTFT − server prefill, /metrics diff): p50 0.50 ms"),
+            "{console}"
+        );
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! after `max_duration`; requests still running at `max_duration` + `grace` are dropped (which
 //! closes their connections, so servers that abort on disconnect free the work) and counted as
 //! cancelled. Requests are taken from the plan in order, so two servers see the same sequence.
+//! Server-side readings: with one stream in flight and a prefill histogram on `/metrics`,
+//! each request is bracketed by two scrapes (outside its timed span); KV gauges are sampled on
+//! a background task for the whole level.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +17,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::client::{Target, send};
-use crate::stats::{LevelResult, Load, RequestRecord, aggregate};
+use crate::scrape::{KvSampler, ServerProbe, kv_waste_structural, prefill_diff, scrape};
+use crate::stats::{LevelResult, Load, RequestRecord, TimingSource, aggregate};
 use crate::workload::{PlannedRequest, poisson_schedule};
 
 /// Time limits of a level.
@@ -26,10 +30,23 @@ pub struct Limits {
     pub grace: Duration,
 }
 
+/// The server under test: how to reach it and what it tells about itself.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// HTTP client (connection pool).
+    pub client: reqwest::Client,
+    /// Where and how to send requests.
+    pub target: Target,
+    /// What its `/metrics` offers.
+    pub probe: ServerProbe,
+}
+
 /// Shared state of the workers of one level.
 struct Level {
     client: reqwest::Client,
     target: Target,
+    /// `/metrics` to scrape around each request for its prefill time (one stream only).
+    prefill_metrics: Option<String>,
     plan: Vec<PlannedRequest>,
     next: AtomicUsize,
     /// Requests actually sent (each ends as a record or as a cancellation).
@@ -48,8 +65,22 @@ impl Level {
 
     async fn run_one(&self, index: usize) {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        let before = match &self.prefill_metrics {
+            Some(url) => scrape(&self.client, url).await.ok(),
+            None => None,
+        };
         let start_s = self.started.elapsed().as_secs_f64();
-        let record = send(&self.client, &self.target, &self.plan[index], start_s).await;
+        let mut record = send(&self.client, &self.target, &self.plan[index], start_s).await;
+        if let (Some(before), Some(url)) = (before, &self.prefill_metrics)
+            && record.ok()
+            && record.server_prefill_s.is_none()
+            && let Ok(after) = scrape(&self.client, url).await
+            && let Some((prefill, queue)) = prefill_diff(&before, &after)
+        {
+            record.server_prefill_s = Some(prefill);
+            record.server_queue_s = queue;
+            record.server_timing_source = Some(TimingSource::MetricsDiff);
+        }
         if let Some(e) = &record.error {
             self.progress.set_message(format!("last error: {e}"));
         }
@@ -60,8 +91,7 @@ impl Level {
 
 /// Runs one level and aggregates its records.
 pub async fn run_level(
-    client: reqwest::Client,
-    target: Target,
+    endpoint: Endpoint,
     load: Load,
     plan: Vec<PlannedRequest>,
     seed: u64,
@@ -69,9 +99,29 @@ pub async fn run_level(
     progress: ProgressBar,
 ) -> (LevelResult, Vec<RequestRecord>) {
     let total = plan.len();
+    let Endpoint {
+        client,
+        target,
+        probe,
+    } = endpoint;
+    // Scrapes bracket a request only when nothing else can move the histogram meanwhile.
+    let prefill_metrics = probe
+        .metrics_url
+        .clone()
+        .filter(|_| target.server_timings && probe.prefill_from_metrics)
+        .filter(|_| load == Load::Concurrency(1));
+    let kv_sampler = match &probe.metrics_url {
+        Some(url) if probe.kv_from_metrics => Some(KvSampler::start(
+            client.clone(),
+            url.clone(),
+            probe.kv_interval,
+        )),
+        _ => None,
+    };
     let level = Arc::new(Level {
         client,
         target,
+        prefill_metrics,
         plan,
         next: AtomicUsize::new(0),
         sent: AtomicUsize::new(0),
@@ -129,5 +179,21 @@ pub async fn run_level(
         .load(Ordering::Relaxed)
         .saturating_sub(records.len());
     level.progress.finish_and_clear();
-    (aggregate(load, &records, cancelled), records)
+    let mut result = aggregate(load, &records, cancelled);
+    result.kv_waste = match (kv_sampler, probe.kv_slots_per_seq) {
+        (Some(sampler), _) => sampler.stop(),
+        (None, Some(slots)) => {
+            let shapes: Vec<(u64, u64)> = records
+                .iter()
+                .filter(|r| r.ok())
+                .map(|r| {
+                    let prompt = r.prompt_tokens.unwrap_or(r.requested_prompt_tokens);
+                    (prompt, r.output_tokens)
+                })
+                .collect();
+            kv_waste_structural(&shapes, slots)
+        }
+        (None, None) => None,
+    };
+    (result, records)
 }

@@ -72,6 +72,18 @@ pub struct ChunkUsage {
     pub completion_tokens: Option<u64>,
 }
 
+/// The `timings` object llama-server puts on a stream's final chunk (with
+/// `timings_per_token`, on every chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ServerTimings {
+    /// `prompt_ms`: from the slot starting on the prompt to the first token sampled.
+    pub prompt_ms: f64,
+    /// `prompt_n`: prompt tokens computed (not taken from its cache).
+    pub prompt_n: Option<u64>,
+    /// `cache_n`: prompt tokens reused from its cache.
+    pub cache_n: Option<u64>,
+}
+
 /// What one SSE event of a completions stream carries.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Chunk {
@@ -88,6 +100,8 @@ pub struct Chunk {
     pub error: Option<String>,
     /// `choices[*].finish_reason` when set.
     pub finish_reason: Option<String>,
+    /// `timings`, when present with a `prompt_ms` number.
+    pub timings: Option<ServerTimings>,
 }
 
 /// Parses one event's data; a non-JSON payload is reported as an error chunk.
@@ -134,6 +148,15 @@ pub fn parse_chunk(data: &str) -> Chunk {
         chunk.usage = Some(ChunkUsage {
             prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64),
             completion_tokens: u.get("completion_tokens").and_then(Value::as_u64),
+        });
+    }
+    if let Some(t) = value.get("timings")
+        && let Some(prompt_ms) = t.get("prompt_ms").and_then(Value::as_f64)
+    {
+        chunk.timings = Some(ServerTimings {
+            prompt_ms,
+            prompt_n: t.get("prompt_n").and_then(Value::as_u64),
+            cache_n: t.get("cache_n").and_then(Value::as_u64),
         });
     }
     chunk
@@ -205,6 +228,30 @@ mod tests {
         assert!(c.usage.is_none());
 
         assert!(parse_chunk(" [DONE] ").done);
+    }
+
+    #[test]
+    fn parses_llama_server_timings() {
+        // The final chunk of a llama-server /v1/completions stream (shape of its
+        // server_slot_stats::to_json).
+        let c = parse_chunk(
+            r#"{"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],"created":1,"model":"m","object":"text_completion","usage":{"completion_tokens":1,"prompt_tokens":32,"total_tokens":33},"id":"x","timings":{"cache_n":1,"prompt_n":31,"prompt_ms":41.25,"prompt_per_token_ms":1.33,"prompt_per_second":751.5,"predicted_n":1,"predicted_ms":0.001,"predicted_per_token_ms":0.0,"predicted_per_second":0.0}}"#,
+        );
+        assert_eq!(
+            c.timings,
+            Some(ServerTimings {
+                prompt_ms: 41.25,
+                prompt_n: Some(31),
+                cache_n: Some(1)
+            })
+        );
+        // An empty or partial object is no reading.
+        assert_eq!(parse_chunk(r#"{"choices":[],"timings":{}}"#).timings, None);
+        assert_eq!(
+            parse_chunk(r#"{"timings":{"prompt_ms":"5"}}"#).timings,
+            None
+        );
+        assert_eq!(parse_chunk(r#"{"choices":[]}"#).timings, None);
     }
 
     #[test]

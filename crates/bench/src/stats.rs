@@ -7,6 +7,29 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::scrape::KvWaste;
+
+/// Where a request's server-side prefill time came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimingSource {
+    /// The response's `timings.prompt_ms` (llama-server).
+    ResponseTimings,
+    /// `/metrics` scraped before and after the request: `vllm:request_prefill_time_seconds`
+    /// `_sum` difference (mpt-serve, vLLM).
+    MetricsDiff,
+}
+
+impl TimingSource {
+    /// How the method reads in tables.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TimingSource::ResponseTimings => "response timings.prompt_ms",
+            TimingSource::MetricsDiff => "/metrics vllm:request_prefill_time_seconds diff",
+        }
+    }
+}
+
 /// What happened to one request, as measured by the client.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
@@ -28,6 +51,15 @@ pub struct RequestRecord {
     pub requested_prompt_tokens: u64,
     /// Error text when the request failed (HTTP status, transport, or an SSE error event).
     pub error: Option<String>,
+    /// Server-reported time from first scheduling to the first token sampled, seconds.
+    #[serde(default)]
+    pub server_prefill_s: Option<f64>,
+    /// Server-reported time from arrival to first scheduling, seconds.
+    #[serde(default)]
+    pub server_queue_s: Option<f64>,
+    /// Where `server_prefill_s` came from.
+    #[serde(default)]
+    pub server_timing_source: Option<TimingSource>,
 }
 
 impl RequestRecord {
@@ -158,6 +190,21 @@ pub struct LevelResult {
     pub prefill_tok_s: Option<Summary>,
     /// First few error messages, for the reader.
     pub errors: Vec<String>,
+    /// Server-reported prefill time (first scheduled → first token), ms.
+    #[serde(default)]
+    pub server_prefill_ms: Option<Summary>,
+    /// Server-reported queue time (arrival → first scheduled), ms.
+    #[serde(default)]
+    pub server_queue_ms: Option<Summary>,
+    /// Server overhead: client TTFT minus server-reported prefill, per request, ms.
+    #[serde(default)]
+    pub overhead_ms: Option<Summary>,
+    /// How the server prefill times were read (None when the server gave none).
+    #[serde(default)]
+    pub overhead_method: Option<String>,
+    /// KV-cache waste during the level (None when not measured).
+    #[serde(default)]
+    pub kv_waste: Option<KvWaste>,
 }
 
 /// How many distinct error messages a level keeps.
@@ -219,6 +266,7 @@ pub fn aggregate(load: Load, records: &[RequestRecord], cancelled: usize) -> Lev
         }
     }
     let e2e: Vec<f64> = ok.iter().map(|r| r.e2e_s).collect();
+    let (server_prefill, server_queue, overhead, overhead_method) = server_side(&ok);
 
     LevelResult {
         load,
@@ -246,7 +294,48 @@ pub fn aggregate(load: Load, records: &[RequestRecord], cancelled: usize) -> Lev
         decode_tok_s: summarize(&decode, 1.0),
         prefill_tok_s: summarize(&prefill, 1.0),
         errors,
+        server_prefill_ms: summarize(&server_prefill, 1000.0),
+        server_queue_ms: summarize(&server_queue, 1000.0),
+        overhead_ms: summarize(&overhead, 1000.0),
+        overhead_method,
+        kv_waste: None,
     }
+}
+
+/// Server-side prefill and queue times, overheads (client TTFT − server prefill), in seconds,
+/// and how the prefill times were read, from the successful requests that carry them.
+fn server_side(ok: &[&RequestRecord]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<String>) {
+    let (mut prefill, mut queue, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sources: Vec<TimingSource> = Vec::new();
+    for r in ok {
+        if let Some(q) = r.server_queue_s {
+            queue.push(q);
+        }
+        let Some(p) = r.server_prefill_s else {
+            continue;
+        };
+        prefill.push(p);
+        if let Some(t) = r.ttft_s {
+            overhead.push(t - p);
+        }
+        if let Some(src) = r.server_timing_source
+            && !sources.contains(&src)
+        {
+            sources.push(src);
+        }
+    }
+    let method = match sources.as_slice() {
+        [] => None,
+        [one] => Some(one.describe().to_string()),
+        many => Some(format!(
+            "mixed: {}",
+            many.iter()
+                .map(|s| s.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    };
+    (prefill, queue, overhead, method)
 }
 
 #[cfg(test)]
@@ -263,7 +352,7 @@ mod tests {
             output_tokens: tokens,
             requested_output_tokens: 5,
             requested_prompt_tokens: 100,
-            error: None,
+            ..RequestRecord::default()
         }
     }
 
@@ -315,6 +404,46 @@ mod tests {
         assert!((p.max - 400.0).abs() < 1e-9 && (p.min - 200.0).abs() < 1e-9);
         assert_eq!(r.ttft_ms.unwrap().count, 2);
         assert_eq!(r.itl_ms.unwrap().count, 8);
+    }
+
+    #[test]
+    fn overhead_is_ttft_minus_server_prefill_per_request() {
+        let with = |ttft: f64, prefill: Option<f64>, src: TimingSource| RequestRecord {
+            ttft_s: Some(ttft),
+            e2e_s: ttft,
+            output_tokens: 1,
+            requested_output_tokens: 1,
+            server_prefill_s: prefill,
+            server_queue_s: prefill.map(|_| 0.0001),
+            server_timing_source: prefill.map(|_| src),
+            ..Default::default()
+        };
+        let m = TimingSource::MetricsDiff;
+        // 0.5 ms, 1.5 ms and 0.25 ms of overhead; one request without a server reading.
+        let records = [
+            with(0.0505, Some(0.05), m),
+            with(0.0415, Some(0.04), m),
+            with(0.06025, Some(0.06), m),
+            with(0.07, None, m),
+        ];
+        let r = aggregate(Load::Concurrency(1), &records, 0);
+        let o = r.overhead_ms.expect("three readings");
+        assert_eq!(o.count, 3);
+        assert!((o.p50 - 0.5).abs() < 1e-9, "{o:?}");
+        assert!((o.max - 1.5).abs() < 1e-9 && (o.min - 0.25).abs() < 1e-9);
+        assert!((r.server_prefill_ms.expect("prefill").p50 - 50.0).abs() < 1e-9);
+        assert!((r.server_queue_ms.expect("queue").p50 - 0.1).abs() < 1e-9);
+        assert_eq!(r.overhead_method.as_deref(), Some(m.describe()));
+        assert_eq!(r.ttft_ms.expect("ttft").count, 4, "TTFT still counts all");
+
+        let mixed = [
+            with(0.05, Some(0.04), m),
+            with(0.05, Some(0.04), TimingSource::ResponseTimings),
+        ];
+        let r = aggregate(Load::Concurrency(1), &mixed, 0);
+        assert!(r.overhead_method.expect("method").starts_with("mixed: "));
+        let r = aggregate(Load::Concurrency(1), &records[3..], 0);
+        assert!(r.overhead_ms.is_none() && r.overhead_method.is_none());
     }
 
     #[test]
