@@ -153,6 +153,27 @@ impl Scheduler {
         &self.allocator
     }
 
+    /// KV slots holding a computed position of a live sequence, counting a block shared by
+    /// several sequences once (at its fullest). Only a sequence's last block can be partly
+    /// filled, so `num_used() * block_size` minus this is the slots allocated but unused.
+    pub fn kv_tokens_filled(&self) -> usize {
+        let bs = self.cfg.block_size;
+        let mut filled = 0;
+        let mut shared: HashMap<u32, usize> = HashMap::new();
+        for seq in self.seqs.values() {
+            for (i, &b) in seq.block_table.iter().enumerate() {
+                let fill = seq.num_computed.saturating_sub(i * bs).min(bs);
+                if self.allocator.refcount(b) > 1 {
+                    let slot = shared.entry(b).or_insert(0);
+                    *slot = (*slot).max(fill);
+                } else {
+                    filled += fill;
+                }
+            }
+        }
+        filled + shared.values().sum::<usize>()
+    }
+
     fn insert_waiting(&mut self, id: SeqId) {
         let key = self.seqs[&id].order_key();
         let pos = self

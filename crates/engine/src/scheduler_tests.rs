@@ -414,3 +414,53 @@ fn randomized_arrivals_lengths_and_cancellations_keep_invariants() {
         "{preemptions} {hits} {copies}: the test must exercise them"
     );
 }
+
+#[test]
+fn kv_tokens_filled_counts_computed_slots_and_shared_blocks_once() {
+    let mut s = sched(16, 4, 8, 100, true);
+    assert_eq!(s.kv_tokens_filled(), 0);
+    // 6 prompt tokens in 2 blocks: 6 of 8 slots filled.
+    let p = s.add(vec![1; 6], false);
+    let st = s.schedule();
+    s.commit(&st);
+    assert_eq!((s.kv_tokens_filled(), s.allocator().num_used()), (6, 2));
+    // Two forks share both blocks: still 6 filled slots in 2 blocks.
+    let kids = s.fork(p, 2);
+    assert_eq!((s.kv_tokens_filled(), s.allocator().num_used()), (6, 2));
+    // Each writes its 7th token: the partial block is copied twice, the full one stays shared.
+    for (i, id) in [p, kids[0], kids[1]].into_iter().enumerate() {
+        s.append_token(id, 10 + i as u32);
+    }
+    step(&mut s);
+    // 4 (shared full block) + 3 × 3 (own partial blocks) = 13 of 4 blocks × 4 slots.
+    assert_eq!((s.kv_tokens_filled(), s.allocator().num_used()), (13, 4));
+    // The sampled 8th tokens are not computed yet: they fill nothing.
+    assert!(
+        kids.iter()
+            .all(|&k| s.get(k).expect("alive").tokens.len() == 8)
+    );
+
+    // A prompt sharing the cached full block (1,1,1,1) counts it once.
+    for id in [p, kids[0], kids[1]] {
+        s.remove(id);
+    }
+    let a = s.add(vec![1; 6], false);
+    step(&mut s);
+    let b = s.add(vec![1, 1, 1, 1, 9], false);
+    step(&mut s);
+    assert_eq!(
+        s.allocator().refcount(s.get(a).expect("a").block_table[0]),
+        2
+    );
+    // a: 4 + 3 computed (its 7th position after one decode), b: 5 → 4 + 3 + 1 distinct.
+    let (na, nb) = (
+        s.get(a).expect("a").num_computed,
+        s.get(b).expect("b").num_computed,
+    );
+    assert_eq!((na, nb), (7, 5));
+    assert_eq!(s.kv_tokens_filled(), 4 + 3 + 1);
+    assert_eq!(s.allocator().num_used(), 3);
+    s.remove(a);
+    s.remove(b);
+    assert_eq!(s.kv_tokens_filled(), 0);
+}

@@ -352,9 +352,9 @@ impl Engine {
         let scheduled = req.scheduled_at.unwrap_or(now);
         let timings = Timings {
             queue: scheduled - req.submitted,
-            prefill: req
-                .prefill_done_at
-                .map_or(Duration::ZERO, |t| t - scheduled),
+            // Scheduled → first token sampled, as vLLM and llama-server's `prompt_ms` count it.
+            prefill: (req.first_token_at.or(req.prefill_done_at))
+                .map_or(Duration::ZERO, |t| t.saturating_duration_since(scheduled)),
             first_token: req.first_token_at.map(|t| t - req.submitted),
             total: now - req.submitted,
         };
@@ -593,6 +593,8 @@ impl Engine {
             prefix_cache_hits: self.sched.prefix_hits,
             prompt_tokens: self.prompt_tokens,
             generation_tokens: self.generation_tokens,
+            kv_block_size: self.sched.config().block_size,
+            kv_tokens_filled: self.sched.kv_tokens_filled(),
         };
         *self
             .shared

@@ -141,7 +141,9 @@ pub struct Usage {
 pub struct Timings {
     /// From submission to first scheduling.
     pub queue: Duration,
-    /// From first scheduling to the end of the prompt's prefill.
+    /// From first scheduling to the first token sampled (vLLM's `request_prefill_time`): the
+    /// prompt's forward passes plus sampling (to its logits when `max_tokens` is 0); zero if
+    /// the request never got that far.
     pub prefill: Duration,
     /// From submission to the first generated token.
     pub first_token: Option<Duration>,
@@ -220,6 +222,11 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Total generated tokens.
     pub generation_tokens: u64,
+    /// Token slots of one KV block (`kv_blocks_used * kv_block_size` slots are allocated).
+    pub kv_block_size: usize,
+    /// KV slots holding a computed position of a live sequence; a block shared by several
+    /// sequences (prefix cache, forks) counts once. Allocated minus this is waste.
+    pub kv_tokens_filled: usize,
 }
 
 /// Static facts about the loaded model that the server needs.

@@ -332,6 +332,42 @@ fn cancelling_frees_blocks_while_running_and_while_waiting() {
 }
 
 #[test]
+fn prefill_time_ends_at_the_first_token_and_kv_stats_count_filled_slots() {
+    let e = engine(|c| c.block_size = 16);
+    // 20 prompt tokens in blocks of 16: while decoding, only the last block is partly filled.
+    let mut stream = e.submit(request(prompt(450, 20), 1500)).expect("ok");
+    while !matches!(stream.blocking_recv(), Some(Event::Delta(_))) {}
+    wait_until(&e, "blocks in use", |s| s.kv_blocks_used > 0);
+    let s = e.stats();
+    assert_eq!(s.kv_block_size, 16);
+    let allocated = s.kv_blocks_used * s.kv_block_size;
+    assert!(
+        s.kv_tokens_filled <= allocated && s.kv_tokens_filled + 16 > allocated,
+        "{s:?}"
+    );
+    assert!(s.kv_tokens_filled >= 20, "the prompt is computed: {s:?}");
+    drop(stream);
+    wait_until(&e, "blocks freed", |s| {
+        s.kv_blocks_used == 0 && s.kv_tokens_filled == 0
+    });
+
+    let mut stream = e.submit(request(prompt(451, 20), 3)).expect("ok");
+    let timings = loop {
+        match stream.blocking_recv() {
+            Some(Event::Completed { timings, .. }) => break timings,
+            Some(Event::Failed(m)) => panic!("request failed: {m}"),
+            Some(_) => {}
+            None => panic!("stream ended without Completed"),
+        }
+    };
+    // Queue then prefill, back to back, make up the time to the first token exactly.
+    let first = timings.first_token.expect("tokens were sampled");
+    assert!(!timings.prefill.is_zero());
+    assert_eq!(timings.queue + timings.prefill, first, "{timings:?}");
+    assert!(first <= timings.total);
+}
+
+#[test]
 fn n_and_best_of_fork_from_one_prefill() {
     let e = engine(|c| c.block_size = 4);
     let solo = collect(e.submit(request(prompt(500, 10), 12)).expect("ok"));
