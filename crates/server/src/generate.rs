@@ -159,7 +159,7 @@ impl Generation {
                     .copied()
                     .flatten()
                     .unwrap_or(FinishReason::Length);
-                metrics.request_finished(reason, timings.queue, timings.first_token, timings.total);
+                metrics.request_finished(reason, &timings);
                 self.remaining = self.remaining.saturating_sub(1);
                 if self.remaining == 0 {
                     self.finished = true;

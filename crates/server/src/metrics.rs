@@ -4,11 +4,14 @@
 //! Invariants: every series carries the `model_name` label; names and buckets are defined once,
 //! in [`names`] and [`LATENCY_BUCKETS`]; engine gauges and counters are read from
 //! [`EngineStats`] at scrape time, so they can never drift from the engine's own bookkeeping
-//! (counters only ever move up to the engine's total).
+//! (counters only ever move up to the engine's total). KV waste (`mpt:kv_cache_*`) is
+//! allocated-but-unfilled token slots over allocated slots, from the same snapshot; the
+//! prefill histogram is vLLM's (scheduled → first token), which `mpt-bench` subtracts from
+//! the client's TTFT to measure server overhead.
 
 use std::time::Duration;
 
-use mpt_engine::{EngineStats, FinishReason};
+use mpt_engine::{EngineStats, FinishReason, Timings};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -39,6 +42,14 @@ pub mod names {
     pub const E2E_REQUEST_LATENCY: &str = "vllm:e2e_request_latency_seconds";
     /// Submission → first scheduled.
     pub const REQUEST_QUEUE_TIME: &str = "vllm:request_queue_time_seconds";
+    /// First scheduled → first token sampled (the prompt's forward passes and sampling).
+    pub const REQUEST_PREFILL_TIME: &str = "vllm:request_prefill_time_seconds";
+    /// KV token slots in blocks held by live sequences (shared blocks once).
+    pub const KV_CACHE_ALLOCATED_TOKENS: &str = "mpt:kv_cache_allocated_tokens";
+    /// Of those, slots holding a computed position.
+    pub const KV_CACHE_FILLED_TOKENS: &str = "mpt:kv_cache_filled_tokens";
+    /// Allocated but unfilled slots / allocated slots, 0–1 (0 when nothing is allocated).
+    pub const KV_CACHE_WASTE: &str = "mpt:kv_cache_waste_perc";
     /// Prompt blocks looked up in the prefix cache.
     pub const PREFIX_CACHE_QUERIES: &str = "vllm:prefix_cache_queries_total";
     /// Prompt blocks found in the prefix cache.
@@ -54,6 +65,13 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0,
 ];
+
+/// KV token slots (allocated, filled) from the engine's block counts; filled never exceeds
+/// allocated.
+fn kv_slots(stats: &EngineStats) -> (usize, usize) {
+    let allocated = stats.kv_blocks_used * stats.kv_block_size;
+    (allocated, stats.kv_tokens_filled.min(allocated))
+}
 
 /// All metrics of one server.
 pub struct Metrics {
@@ -73,6 +91,10 @@ pub struct Metrics {
     itl: HistogramVec,
     e2e: HistogramVec,
     queue_time: HistogramVec,
+    prefill_time: HistogramVec,
+    kv_allocated: GaugeVec,
+    kv_filled: GaugeVec,
+    kv_waste: GaugeVec,
     http_requests: IntCounterVec,
     rejected: IntCounterVec,
 }
@@ -171,6 +193,22 @@ impl Metrics {
                 REQUEST_QUEUE_TIME,
                 "Time spent waiting in the queue in seconds.",
             ),
+            prefill_time: histogram(
+                REQUEST_PREFILL_TIME,
+                "Time from first scheduling to the first token sampled, in seconds.",
+            ),
+            kv_allocated: gauge(
+                KV_CACHE_ALLOCATED_TOKENS,
+                "KV-cache token slots in blocks held by running sequences.",
+            ),
+            kv_filled: gauge(
+                KV_CACHE_FILLED_TOKENS,
+                "KV-cache token slots holding a computed position.",
+            ),
+            kv_waste: gauge(
+                KV_CACHE_WASTE,
+                "Allocated but unfilled KV slots over allocated slots, 1 means 100 percent.",
+            ),
             http_requests: counter(
                 HTTP_REQUESTS,
                 "HTTP requests by route and status.",
@@ -199,25 +237,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a finished engine request.
-    pub fn request_finished(
-        &self,
-        reason: FinishReason,
-        queue: Duration,
-        first_token: Option<Duration>,
-        total: Duration,
-    ) {
+    /// Records a finished engine request (its prefill time only if it was prefilled).
+    pub fn request_finished(&self, reason: FinishReason, timings: &Timings) {
         let m = [self.model_name.as_str()];
         self.request_success
             .with_label_values(&[self.model_name.as_str(), reason.as_str()])
             .inc();
         self.queue_time
             .with_label_values(&m)
-            .observe(queue.as_secs_f64());
-        if let Some(ttft) = first_token {
+            .observe(timings.queue.as_secs_f64());
+        if let Some(ttft) = timings.first_token {
             self.ttft.with_label_values(&m).observe(ttft.as_secs_f64());
         }
-        self.e2e.with_label_values(&m).observe(total.as_secs_f64());
+        // Zero means never prefilled (aborted first): not a sample of prefill time.
+        if !timings.prefill.is_zero() {
+            self.prefill_time
+                .with_label_values(&m)
+                .observe(timings.prefill.as_secs_f64());
+        }
+        self.e2e
+            .with_label_values(&m)
+            .observe(timings.total.as_secs_f64());
     }
 
     /// Records the gap before `tokens` new output tokens (spread evenly over them).
@@ -248,6 +288,17 @@ impl Metrics {
         };
         self.kv_usage.with_label_values(&m).set(usage);
         self.gpu_cache_usage.with_label_values(&m).set(usage);
+        let (allocated, filled) = kv_slots(stats);
+        self.kv_allocated
+            .with_label_values(&m)
+            .set(allocated as f64);
+        self.kv_filled.with_label_values(&m).set(filled as f64);
+        let waste = if allocated == 0 {
+            0.0
+        } else {
+            (allocated - filled) as f64 / allocated as f64
+        };
+        self.kv_waste.with_label_values(&m).set(waste);
         let catch_up = |c: &IntCounterVec, total: u64| {
             let c = c.with_label_values(&m);
             if total > c.get() {
@@ -291,9 +342,12 @@ mod tests {
         };
         m.request_finished(
             FinishReason::Length,
-            Duration::ZERO,
-            Some(Duration::from_millis(5)),
-            Duration::from_millis(9),
+            &Timings {
+                queue: Duration::ZERO,
+                prefill: Duration::from_millis(4),
+                first_token: Some(Duration::from_millis(5)),
+                total: Duration::from_millis(9),
+            },
         );
         let text = m.render(Some(&stats));
         assert!(
@@ -318,6 +372,46 @@ mod tests {
         let text = m.render(Some(&stats));
         assert!(
             text.contains("vllm:prompt_tokens_total{model_name=\"demo\"} 7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn prefill_time_and_kv_waste_are_exported() {
+        let m = Metrics::new("demo");
+        let timings = |prefill_ms: u64| Timings {
+            queue: Duration::from_millis(1),
+            prefill: Duration::from_millis(prefill_ms),
+            first_token: (prefill_ms > 0).then(|| Duration::from_millis(prefill_ms + 1)),
+            total: Duration::from_millis(prefill_ms + 2),
+        };
+        m.request_finished(FinishReason::Length, &timings(250));
+        m.request_finished(FinishReason::Length, &timings(500));
+        // Aborted before it was scheduled: no prefill sample.
+        m.request_finished(FinishReason::Abort, &timings(0));
+        // 3 blocks of 16 slots held, 40 slots filled: 8 / 48 wasted.
+        let stats = EngineStats {
+            kv_blocks_used: 3,
+            kv_blocks_total: 10,
+            kv_block_size: 16,
+            kv_tokens_filled: 40,
+            ..Default::default()
+        };
+        let text = m.render(Some(&stats));
+        for line in [
+            "vllm:request_prefill_time_seconds_count{model_name=\"demo\"} 2",
+            "vllm:request_prefill_time_seconds_sum{model_name=\"demo\"} 0.75",
+            "vllm:request_queue_time_seconds_count{model_name=\"demo\"} 3",
+            "mpt:kv_cache_allocated_tokens{model_name=\"demo\"} 48",
+            "mpt:kv_cache_filled_tokens{model_name=\"demo\"} 40",
+            "mpt:kv_cache_waste_perc{model_name=\"demo\"} 0.16666666666666666",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        // Nothing allocated: no waste (not NaN).
+        let text = m.render(Some(&EngineStats::default()));
+        assert!(
+            text.contains("mpt:kv_cache_waste_perc{model_name=\"demo\"} 0\n"),
             "{text}"
         );
     }
