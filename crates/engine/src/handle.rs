@@ -15,8 +15,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
-use crate::config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource};
+use crate::config::{
+    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, LoadFormat,
+    ModelSource, MptConfig,
+};
 use crate::error::{EngineError, Result};
+use crate::kv_budget::{fixed_kv_cache_blocks, gib};
 use crate::kv_cache::KvCache;
 use crate::model::Mpt;
 use crate::sampling::MAX_TOP_LOGPROBS;
@@ -134,6 +138,21 @@ impl EngineHandle {
         }
         if config.block_size == 0 {
             return Err(EngineError::setting("block_size", "must be at least 1"));
+        }
+        let fraction = config.gpu_memory_utilization;
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(EngineError::setting(
+                "gpu_memory_utilization",
+                format!("must be in (0, 1], got {fraction}"),
+            ));
+        }
+        // Refuse before a long weight load what can only fail after it.
+        if config.attention_kernels == AttentionKernels::Custom && config.device == DeviceSpec::Cpu
+        {
+            return Err(EngineError::setting(
+                "attention_kernels",
+                "the custom CUDA attention kernels need --device cuda:N (on the CPU use candle-ops)",
+            ));
         }
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::SeqCst);
@@ -374,11 +393,104 @@ fn read_chat_template(dir: &std::path::Path) -> Option<String> {
     }
 }
 
+/// The model's weights from the checkpoint or, with `--load-format dummy`, random ones of the
+/// shapes in `config.json`.
+fn load_model(config: &EngineConfig, device: &Device, dtype: DType) -> Result<Mpt> {
+    let mcfg = match (config.load_format, &config.model) {
+        (LoadFormat::Auto, source) => return Mpt::load(source, device, dtype),
+        (LoadFormat::Dummy, ModelSource::Demo) => MptConfig::from_json(crate::demo::CONFIG_JSON)?,
+        (LoadFormat::Dummy, ModelSource::Dir(dir)) => {
+            let path = dir.join("config.json");
+            if !path.is_file() {
+                return Err(EngineError::setting(
+                    "load_format",
+                    format!(
+                        "--load-format dummy builds the model from {} alone, and it is missing",
+                        path.display()
+                    ),
+                ));
+            }
+            MptConfig::from_dir(dir)?
+        }
+    };
+    tracing::warn!(
+        d_model = mcfg.d_model,
+        n_layers = mcfg.n_layers,
+        "--load-format dummy: random weights of the checkpoint's shapes; the output is noise"
+    );
+    Mpt::dummy(mcfg, device, dtype, DUMMY_WEIGHTS_SEED)
+}
+
+/// KV blocks for `config` and a sentence on how they were chosen; on a GPU with no explicit
+/// size this runs the profiling forward pass (see [`crate::kv_budget`]).
+fn kv_pool_blocks(
+    config: &EngineConfig,
+    model: &Mpt,
+    bytes_per_block: u64,
+    max_model_len: usize,
+) -> Result<(usize, String)> {
+    if let Some(fixed) =
+        fixed_kv_cache_blocks(config.kv_cache, !model.device().is_cpu(), bytes_per_block)
+    {
+        return Ok(fixed);
+    }
+    measured_kv_pool_blocks(config, model, bytes_per_block, max_model_len)
+}
+
+#[cfg(feature = "cuda")]
+fn measured_kv_pool_blocks(
+    config: &EngineConfig,
+    model: &Mpt,
+    bytes_per_block: u64,
+    max_model_len: usize,
+) -> Result<(usize, String)> {
+    use crate::kv_budget::{PoolNeeds, gpu_kv_cache_blocks, measure_gpu, profile_batch};
+    let (batch, profile_blocks) = profile_batch(
+        config.max_num_batched_tokens,
+        max_model_len,
+        config.max_num_seqs,
+        config.block_size,
+        model.config().vocab_size,
+    );
+    let memory = measure_gpu(model, &batch, profile_blocks, config.block_size)?;
+    let fraction = config.gpu_memory_utilization;
+    let needs = PoolNeeds {
+        bytes_per_block,
+        block_size: config.block_size,
+        max_model_len,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+    };
+    let blocks = gpu_kv_cache_blocks(&memory, fraction, &needs)?;
+    let how = format!(
+        "--gpu-memory-utilization {fraction}: {fraction} × {} total − {} in use after loading \
+         the weights − {} activation peak of a {}-token step",
+        gib(memory.total),
+        gib(memory.used_after_weights),
+        gib(memory.activation_peak),
+        batch.num_tokens(),
+    );
+    Ok((blocks, how))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn measured_kv_pool_blocks(
+    _config: &EngineConfig,
+    _model: &Mpt,
+    _bytes_per_block: u64,
+    _max_model_len: usize,
+) -> Result<(usize, String)> {
+    Err(EngineError::setting(
+        "gpu_memory_utilization",
+        "device memory can only be measured in a build with --features cuda",
+    ))
+}
+
 /// Loads the model, tokenizer and KV cache described by `config`.
 pub(crate) fn load(config: &EngineConfig) -> Result<(Loaded, Ready)> {
     let device = resolve_device(config.device)?;
     let dtype = resolve_dtype(config.dtype, &device);
-    let model = Mpt::load(&config.model, &device, dtype)?;
+    let mut model = load_model(config, &device, dtype)?;
+    model.set_cuda_attention_kernels(config.attention_kernels == AttentionKernels::Custom)?;
     let (tokenizer, model_dir) = match &config.model {
         ModelSource::Demo => (Tokenizer::from_bytes(crate::demo::TOKENIZER_JSON)?, None),
         ModelSource::Dir(dir) => (
@@ -394,12 +506,16 @@ pub(crate) fn load(config: &EngineConfig) -> Result<(Loaded, Ready)> {
     // The CPU cache is f32 host memory whatever the weights are; on a GPU the pools hold the
     // model's dtype.
     let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-    let num_blocks = match config.kv_cache {
-        KvCacheSize::Blocks(n) => n,
-        KvCacheSize::Bytes(bytes) => {
-            KvCache::blocks_for_bytes_dtype(&mcfg, config.block_size, kv_dtype, bytes)
-        }
-    };
+    let bytes_per_block = KvCache::bytes_per_block_dtype(&mcfg, config.block_size, kv_dtype);
+    let (num_blocks, how) = kv_pool_blocks(config, &model, bytes_per_block, max_model_len)?;
+    tracing::info!(
+        blocks = num_blocks,
+        tokens = num_blocks * config.block_size,
+        size = %gib(num_blocks as u64 * bytes_per_block),
+        dtype = ?kv_dtype,
+        sized_by = %how,
+        "KV cache pool"
+    );
     let cache = if device.is_cpu() {
         KvCache::new(&mcfg, num_blocks, config.block_size, &device)?
     } else {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod handle;
+pub mod kv_budget;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
@@ -18,7 +19,10 @@ pub mod stop;
 pub mod tokenizer;
 pub mod types;
 
-pub use config::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource, MptConfig};
+pub use config::{
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
+    MptConfig,
+};
 pub use error::{EngineError, Result};
 pub use handle::{EngineHandle, EventStream};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
