@@ -10,8 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use mpt_engine::{DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, ModelSource};
+use mpt_engine::{
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
+};
 use serde::Deserialize;
+
+mod cli;
+
+pub use cli::Cli;
 
 /// Default port, as vLLM.
 pub const DEFAULT_PORT: u16 = 8000;
@@ -49,143 +55,6 @@ pub enum ConfigError {
     },
 }
 
-/// Command-line flags. Every one also reads `MPT_SERVER_<NAME>` and the TOML key `<name>`.
-#[derive(Debug, Clone, Default, Parser)]
-#[command(
-    name = "mpt-server",
-    version,
-    about = "OpenAI-compatible HTTP server for MosaicML MPT models"
-)]
-pub struct Cli {
-    /// Model directory (config.json, tokenizer.json, weights). Without it the bundled demo model is served.
-    #[arg(
-        long,
-        env = "MPT_SERVER_MODEL",
-        value_name = "DIR",
-        hide_env_values = true
-    )]
-    pub model: Option<PathBuf>,
-    /// Name clients use in the `model` field [default: the model directory's name, or "mpt-demo"].
-    #[arg(
-        long,
-        env = "MPT_SERVER_SERVED_MODEL_NAME",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
-    pub served_model_name: Option<String>,
-    /// Address to bind [default: 0.0.0.0].
-    #[arg(long, env = "MPT_SERVER_HOST", hide_env_values = true)]
-    pub host: Option<String>,
-    /// Port to bind; 0 picks a free one [default: 8000].
-    #[arg(long, env = "MPT_SERVER_PORT", hide_env_values = true)]
-    pub port: Option<u16>,
-    /// Longest prompt + completion in tokens; may exceed the checkpoint's max_seq_len (ALiBi) [default: the checkpoint's max_seq_len].
-    #[arg(
-        long,
-        env = "MPT_SERVER_MAX_MODEL_LEN",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub max_model_len: Option<usize>,
-    /// Most sequences running in one engine step [default: 64].
-    #[arg(
-        long,
-        env = "MPT_SERVER_MAX_NUM_SEQS",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub max_num_seqs: Option<usize>,
-    /// Most tokens (prefill + decode) in one engine step [default: 2048].
-    #[arg(
-        long,
-        env = "MPT_SERVER_MAX_NUM_BATCHED_TOKENS",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub max_num_batched_tokens: Option<usize>,
-    /// Tokens per KV-cache block [default: 16].
-    #[arg(
-        long,
-        env = "MPT_SERVER_BLOCK_SIZE",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub block_size: Option<usize>,
-    /// KV cache size in blocks (conflicts with --kv-cache-memory).
-    #[arg(
-        long,
-        env = "MPT_SERVER_NUM_KV_BLOCKS",
-        value_name = "N",
-        conflicts_with = "kv_cache_memory"
-    )]
-    pub num_kv_blocks: Option<usize>,
-    /// KV cache size in bytes, e.g. "2GiB", "512MiB", "1000000" [default: 1GiB].
-    #[arg(
-        long,
-        env = "MPT_SERVER_KV_CACHE_MEMORY",
-        value_name = "SIZE",
-        hide_env_values = true
-    )]
-    pub kv_cache_memory: Option<String>,
-    /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
-    #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
-    pub dtype: Option<String>,
-    /// Compute device: cpu or cuda:N [default: cpu].
-    #[arg(long, env = "MPT_SERVER_DEVICE", hide_env_values = true)]
-    pub device: Option<String>,
-    /// CPU worker threads for the model [default: physical cores].
-    #[arg(
-        long,
-        env = "MPT_SERVER_THREADS",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub threads: Option<usize>,
-    /// Require `Authorization: Bearer KEY` on /v1/* (never logged).
-    #[arg(
-        long,
-        env = "MPT_SERVER_API_KEY",
-        value_name = "KEY",
-        hide_env_values = true
-    )]
-    pub api_key: Option<String>,
-    /// Most requests waiting for a slot before new ones get 429 [default: 256].
-    #[arg(
-        long,
-        env = "MPT_SERVER_MAX_QUEUE_SIZE",
-        value_name = "N",
-        hide_env_values = true
-    )]
-    pub max_queue_size: Option<usize>,
-    /// Seconds in-flight requests may take to finish after SIGTERM before they are aborted [default: 30].
-    #[arg(
-        long,
-        env = "MPT_SERVER_SHUTDOWN_TIMEOUT",
-        value_name = "SECS",
-        hide_env_values = true
-    )]
-    pub shutdown_timeout: Option<u64>,
-    /// Allowed CORS origin ("*" for any); repeat for several. CORS is off when none is given.
-    #[arg(
-        long,
-        env = "MPT_SERVER_CORS_ALLOW_ORIGIN",
-        value_name = "ORIGIN",
-        value_delimiter = ','
-    )]
-    pub cors_allow_origin: Vec<String>,
-    /// Log format: text or json [default: text].
-    #[arg(long, env = "MPT_SERVER_LOG_FORMAT", hide_env_values = true)]
-    pub log_format: Option<String>,
-    /// TOML file with any of the settings above (keys in snake_case); flags and env vars override it.
-    #[arg(
-        long,
-        env = "MPT_SERVER_CONFIG",
-        value_name = "FILE",
-        hide_env_values = true
-    )]
-    pub config: Option<PathBuf>,
-}
-
 /// The TOML file: the same settings as [`Cli`], keys in snake_case. Unknown keys are errors.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +83,12 @@ pub struct FileConfig {
     pub dtype: Option<String>,
     /// See `--device`.
     pub device: Option<String>,
+    /// See `--gpu-memory-utilization`.
+    pub gpu_memory_utilization: Option<f64>,
+    /// See `--load-format`.
+    pub load_format: Option<String>,
+    /// See `--attention-kernels`.
+    pub attention_kernels: Option<String>,
     /// See `--threads`.
     pub threads: Option<usize>,
     /// See `--api-key`.
@@ -272,6 +147,12 @@ pub struct ServerConfig {
     pub dtype: DTypeSpec,
     /// Device.
     pub device: DeviceSpec,
+    /// Fraction of the GPU's memory to use (sizes an automatic KV cache on a GPU).
+    pub gpu_memory_utilization: f64,
+    /// Checkpoint weights or random ones.
+    pub load_format: LoadFormat,
+    /// Attention implementation on a CUDA device.
+    pub attention_kernels: AttentionKernels,
     /// CPU threads.
     pub threads: Option<usize>,
     /// API key for /v1/*.
@@ -300,6 +181,9 @@ impl std::fmt::Debug for ServerConfig {
             .field("kv_cache", &self.kv_cache)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
+            .field("gpu_memory_utilization", &self.gpu_memory_utilization)
+            .field("load_format", &self.load_format)
+            .field("attention_kernels", &self.attention_kernels)
             .field("threads", &self.threads)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("max_queue_size", &self.max_queue_size)
@@ -396,6 +280,36 @@ fn parse_device(text: &str) -> Result<DeviceSpec, String> {
     Err(format!("unknown device {text:?} (expected cpu or cuda:N)"))
 }
 
+fn parse_load_format(text: &str) -> Result<LoadFormat, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "auto" => Ok(LoadFormat::Auto),
+        "dummy" => Ok(LoadFormat::Dummy),
+        other => Err(format!(
+            "unknown load format {other:?} (expected auto or dummy)"
+        )),
+    }
+}
+
+fn parse_attention_kernels(text: &str) -> Result<AttentionKernels, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "candle-ops" | "candle_ops" => Ok(AttentionKernels::CandleOps),
+        "custom" => Ok(AttentionKernels::Custom),
+        other => Err(format!(
+            "unknown attention implementation {other:?} (expected candle-ops or custom)"
+        )),
+    }
+}
+
+fn parse_fraction(value: f64) -> Result<f64, String> {
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{value} is not a fraction in (0, 1] (e.g. 0.9 lets the process use 90% of the GPU)"
+        ))
+    }
+}
+
 fn invalid(setting: &'static str) -> impl Fn(String) -> ConfigError {
     move |message| ConfigError::Invalid { setting, message }
 }
@@ -468,6 +382,20 @@ impl ServerConfig {
             Some(t) => parse_device(&t).map_err(invalid("--device"))?,
             None => DeviceSpec::Cpu,
         };
+        let gpu_memory_utilization = parse_fraction(
+            cli.gpu_memory_utilization
+                .or(file.gpu_memory_utilization)
+                .unwrap_or(defaults.gpu_memory_utilization),
+        )
+        .map_err(invalid("--gpu-memory-utilization"))?;
+        let load_format = match cli.load_format.or(file.load_format) {
+            Some(t) => parse_load_format(&t).map_err(invalid("--load-format"))?,
+            None => defaults.load_format,
+        };
+        let attention_kernels = match cli.attention_kernels.or(file.attention_kernels) {
+            Some(t) => parse_attention_kernels(&t).map_err(invalid("--attention-kernels"))?,
+            None => defaults.attention_kernels,
+        };
         let log_format = match cli.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -520,6 +448,9 @@ impl ServerConfig {
             kv_cache,
             dtype,
             device,
+            gpu_memory_utilization,
+            load_format,
+            attention_kernels,
             threads,
             api_key: cli.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             max_queue_size: cli
@@ -551,6 +482,9 @@ impl ServerConfig {
             max_queue_size: self.max_queue_size,
             threads: self.threads,
             enable_prefix_caching: EngineConfig::default().enable_prefix_caching,
+            load_format: self.load_format,
+            attention_kernels: self.attention_kernels,
+            gpu_memory_utilization: self.gpu_memory_utilization,
         }
     }
 
@@ -561,69 +495,4 @@ impl ServerConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_and_decimal_units() {
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("2XB").is_err());
-        assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn command_line_overrides_file_which_overrides_defaults() {
-        let file = parse_file("port = 9000\nmax_num_seqs = 8\nkv_cache_memory = \"64MiB\"\n")
-            .expect("valid");
-        let cli = Cli::try_parse_from(["mpt-server", "--port", "9100"]).expect("valid");
-        let c = ServerConfig::resolve(cli, file).expect("valid");
-        assert_eq!(c.port, 9100);
-        assert_eq!(c.max_num_seqs, 8);
-        assert_eq!(c.kv_cache, KvCacheSize::Bytes(64 << 20));
-        assert_eq!(c.served_model_name, DEMO_MODEL_NAME);
-        assert_eq!(c.engine_config().model, ModelSource::Demo);
-    }
-
-    #[test]
-    fn unknown_toml_key_is_named() {
-        let err = parse_file("prot = 1\n").expect_err("unknown key");
-        assert!(err.contains("prot"), "{err}");
-    }
-
-    #[test]
-    fn api_key_is_redacted() {
-        let cli = Cli::try_parse_from(["mpt-server", "--api-key", "sekrit-123"]).expect("valid");
-        let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
-        assert!(!c.redacted().contains("sekrit"));
-        assert_eq!(c.api_key.as_deref(), Some("sekrit-123"));
-    }
-
-    #[test]
-    fn blocks_and_memory_conflict() {
-        let file = parse_file("num_kv_blocks = 10\nkv_cache_memory = 100000\n").expect("valid");
-        assert!(ServerConfig::resolve(Cli::default(), file).is_err());
-        assert!(
-            Cli::try_parse_from(["x", "--num-kv-blocks", "4", "--kv-cache-memory", "1MiB"])
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn model_dir_names_the_model() {
-        let cli = Cli::try_parse_from([
-            "x",
-            "--model",
-            "/models/mpt-7b-instruct",
-            "--device",
-            "cuda:1",
-        ])
-        .expect("valid");
-        let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
-        assert_eq!(c.served_model_name, "mpt-7b-instruct");
-        assert_eq!(c.device, DeviceSpec::Cuda(1));
-    }
-}
+mod tests;

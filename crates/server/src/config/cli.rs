@@ -1,0 +1,171 @@
+//! The command-line flags of [`Cli`]: one per setting, each also read from the environment
+//! variable `MPT_SERVER_<NAME>`. Values stay strings or options here; [`super::ServerConfig`]
+//! merges them with the TOML file and checks them.
+//!
+//! Invariant: every flag's doc comment states its default, as `--help` shows it (README copies
+//! that text; CI compares).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Command-line flags. Every one also reads `MPT_SERVER_<NAME>` and the TOML key `<name>`.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "mpt-server",
+    version,
+    about = "OpenAI-compatible HTTP server for MosaicML MPT models"
+)]
+pub struct Cli {
+    /// Model directory (config.json, tokenizer.json, weights). Without it the bundled demo model is served.
+    #[arg(
+        long,
+        env = "MPT_SERVER_MODEL",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
+    pub model: Option<PathBuf>,
+    /// Name clients use in the `model` field [default: the model directory's name, or "mpt-demo"].
+    #[arg(
+        long,
+        env = "MPT_SERVER_SERVED_MODEL_NAME",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
+    pub served_model_name: Option<String>,
+    /// Address to bind [default: 0.0.0.0].
+    #[arg(long, env = "MPT_SERVER_HOST", hide_env_values = true)]
+    pub host: Option<String>,
+    /// Port to bind; 0 picks a free one [default: 8000].
+    #[arg(long, env = "MPT_SERVER_PORT", hide_env_values = true)]
+    pub port: Option<u16>,
+    /// Longest prompt + completion in tokens; may exceed the checkpoint's max_seq_len (ALiBi) [default: the checkpoint's max_seq_len].
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_MODEL_LEN",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub max_model_len: Option<usize>,
+    /// Most sequences running in one engine step [default: 64].
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_NUM_SEQS",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens (prefill + decode) in one engine step [default: 2048].
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_NUM_BATCHED_TOKENS",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV-cache block [default: 16].
+    #[arg(
+        long,
+        env = "MPT_SERVER_BLOCK_SIZE",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub block_size: Option<usize>,
+    /// KV cache size in blocks (conflicts with --kv-cache-memory).
+    #[arg(
+        long,
+        env = "MPT_SERVER_NUM_KV_BLOCKS",
+        value_name = "N",
+        conflicts_with = "kv_cache_memory"
+    )]
+    pub num_kv_blocks: Option<usize>,
+    /// KV cache size in bytes, e.g. "2GiB", "512MiB", "1000000" [default: 1GiB on the CPU; on a GPU the pool is sized by --gpu-memory-utilization].
+    #[arg(
+        long,
+        env = "MPT_SERVER_KV_CACHE_MEMORY",
+        value_name = "SIZE",
+        hide_env_values = true
+    )]
+    pub kv_cache_memory: Option<String>,
+    /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
+    #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
+    pub dtype: Option<String>,
+    /// Compute device: cpu or cuda:N [default: cpu].
+    #[arg(long, env = "MPT_SERVER_DEVICE", hide_env_values = true)]
+    pub device: Option<String>,
+    /// Fraction of the GPU's memory this process may use, in (0, 1]: the KV cache gets what is left of it after the weights and a measured activation peak, unless --kv-cache-memory or --num-kv-blocks is given. No effect on the CPU, where the --kv-cache-memory budget applies [default: 0.9].
+    #[arg(
+        long,
+        env = "MPT_SERVER_GPU_MEMORY_UTILIZATION",
+        value_name = "FRACTION",
+        hide_env_values = true
+    )]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Weights to load: auto (the checkpoint's safetensors or .bin files) or dummy (random weights of the shapes in config.json, for speed and memory tests; tokenizer.json is still read; the output is noise) [default: auto].
+    #[arg(
+        long,
+        env = "MPT_SERVER_LOAD_FORMAT",
+        value_name = "FORMAT",
+        hide_env_values = true
+    )]
+    pub load_format: Option<String>,
+    /// Attention implementation on a CUDA device: candle-ops (built from candle's CUDA ops) or custom (our paged-attention CUDA kernels, not yet verified on a GPU; refused on the CPU) [default: candle-ops].
+    #[arg(
+        long,
+        env = "MPT_SERVER_ATTENTION_KERNELS",
+        value_name = "IMPL",
+        hide_env_values = true
+    )]
+    pub attention_kernels: Option<String>,
+    /// CPU worker threads for the model [default: physical cores].
+    #[arg(
+        long,
+        env = "MPT_SERVER_THREADS",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub threads: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on /v1/* (never logged).
+    #[arg(
+        long,
+        env = "MPT_SERVER_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Most requests waiting for a slot before new ones get 429 [default: 256].
+    #[arg(
+        long,
+        env = "MPT_SERVER_MAX_QUEUE_SIZE",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    pub max_queue_size: Option<usize>,
+    /// Seconds in-flight requests may take to finish after SIGTERM before they are aborted [default: 30].
+    #[arg(
+        long,
+        env = "MPT_SERVER_SHUTDOWN_TIMEOUT",
+        value_name = "SECS",
+        hide_env_values = true
+    )]
+    pub shutdown_timeout: Option<u64>,
+    /// Allowed CORS origin ("*" for any); repeat for several. CORS is off when none is given.
+    #[arg(
+        long,
+        env = "MPT_SERVER_CORS_ALLOW_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origin: Vec<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "MPT_SERVER_LOG_FORMAT", hide_env_values = true)]
+    pub log_format: Option<String>,
+    /// TOML file with any of the settings above (keys in snake_case); flags and env vars override it.
+    #[arg(
+        long,
+        env = "MPT_SERVER_CONFIG",
+        value_name = "FILE",
+        hide_env_values = true
+    )]
+    pub config: Option<PathBuf>,
+}

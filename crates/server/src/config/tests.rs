@@ -1,0 +1,134 @@
+//! Unit tests of the configuration: parsing, precedence, validation.
+
+use super::*;
+
+#[test]
+fn sizes_parse_with_binary_and_decimal_units() {
+    assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert!(parse_size("lots").is_err());
+    assert!(parse_size("2XB").is_err());
+    assert!(parse_size("0").is_err());
+}
+
+#[test]
+fn command_line_overrides_file_which_overrides_defaults() {
+    let file =
+        parse_file("port = 9000\nmax_num_seqs = 8\nkv_cache_memory = \"64MiB\"\n").expect("valid");
+    let cli = Cli::try_parse_from(["mpt-server", "--port", "9100"]).expect("valid");
+    let c = ServerConfig::resolve(cli, file).expect("valid");
+    assert_eq!(c.port, 9100);
+    assert_eq!(c.max_num_seqs, 8);
+    assert_eq!(c.kv_cache, KvCacheSize::Bytes(64 << 20));
+    assert_eq!(c.served_model_name, DEMO_MODEL_NAME);
+    assert_eq!(c.engine_config().model, ModelSource::Demo);
+}
+
+#[test]
+fn unknown_toml_key_is_named() {
+    let err = parse_file("prot = 1\n").expect_err("unknown key");
+    assert!(err.contains("prot"), "{err}");
+}
+
+#[test]
+fn api_key_is_redacted() {
+    let cli = Cli::try_parse_from(["mpt-server", "--api-key", "sekrit-123"]).expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert!(!c.redacted().contains("sekrit"));
+    assert_eq!(c.api_key.as_deref(), Some("sekrit-123"));
+}
+
+#[test]
+fn blocks_and_memory_conflict() {
+    let file = parse_file("num_kv_blocks = 10\nkv_cache_memory = 100000\n").expect("valid");
+    assert!(ServerConfig::resolve(Cli::default(), file).is_err());
+    assert!(
+        Cli::try_parse_from(["x", "--num-kv-blocks", "4", "--kv-cache-memory", "1MiB"]).is_err()
+    );
+}
+
+#[test]
+fn model_dir_names_the_model() {
+    let cli = Cli::try_parse_from([
+        "x",
+        "--model",
+        "/models/mpt-7b-instruct",
+        "--device",
+        "cuda:1",
+    ])
+    .expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.served_model_name, "mpt-7b-instruct");
+    assert_eq!(c.device, DeviceSpec::Cuda(1));
+}
+
+#[test]
+fn gpu_flags_reach_the_engine_config() {
+    let cli = Cli::try_parse_from([
+        "x",
+        "--load-format",
+        "dummy",
+        "--attention-kernels",
+        "custom",
+        "--gpu-memory-utilization",
+        "0.5",
+    ])
+    .expect("valid");
+    let engine = ServerConfig::resolve(cli, FileConfig::default())
+        .expect("valid")
+        .engine_config();
+    assert_eq!(engine.load_format, LoadFormat::Dummy);
+    assert_eq!(engine.attention_kernels, AttentionKernels::Custom);
+    assert_eq!(engine.gpu_memory_utilization, 0.5);
+    // The file sets them too; the command line wins.
+    let file = parse_file(
+        "load_format = \"dummy\"\nattention_kernels = \"candle-ops\"\ngpu_memory_utilization = 0.8\n",
+    )
+    .expect("valid");
+    let cli = Cli::try_parse_from(["x", "--load-format", "auto"]).expect("valid");
+    let c = ServerConfig::resolve(cli, file).expect("valid");
+    assert_eq!(c.load_format, LoadFormat::Auto);
+    assert_eq!(c.attention_kernels, AttentionKernels::CandleOps);
+    assert_eq!(c.gpu_memory_utilization, 0.8);
+}
+
+#[test]
+fn defaults_leave_the_kv_cache_to_the_device() {
+    let c = ServerConfig::default();
+    assert_eq!(c.kv_cache, KvCacheSize::Auto);
+    assert_eq!(c.gpu_memory_utilization, 0.9);
+    assert_eq!(c.load_format, LoadFormat::Auto);
+    assert_eq!(c.attention_kernels, AttentionKernels::CandleOps);
+    // An explicit size is kept as given (it wins over the GPU fraction in the engine).
+    let cli = Cli::try_parse_from(["x", "--kv-cache-memory", "2GiB"]).expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.engine_config().kv_cache, KvCacheSize::Bytes(2 << 30));
+}
+
+#[test]
+fn bad_gpu_settings_name_the_flag() {
+    for (args, flag) in [
+        (
+            vec!["x", "--gpu-memory-utilization", "0"],
+            "--gpu-memory-utilization",
+        ),
+        (
+            vec!["x", "--gpu-memory-utilization", "1.5"],
+            "--gpu-memory-utilization",
+        ),
+        (vec!["x", "--load-format", "pt"], "--load-format"),
+        (
+            vec!["x", "--attention-kernels", "flash"],
+            "--attention-kernels",
+        ),
+    ] {
+        let cli = Cli::try_parse_from(args.clone()).expect("parses");
+        let err = ServerConfig::resolve(cli, FileConfig::default()).expect_err("invalid");
+        assert!(err.to_string().contains(flag), "{args:?}: {err}");
+    }
+    assert!(Cli::try_parse_from(["x", "--gpu-memory-utilization", "most"]).is_err());
+    let file = parse_file("gpu_memory_utilization = 2\n").expect("a number");
+    assert!(ServerConfig::resolve(Cli::default(), file).is_err());
+}
