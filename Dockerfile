@@ -17,7 +17,8 @@
 # Cargo.lock or rust-toolchain.toml changes.
 
 ARG RUST_VERSION=1.95.0
-ARG CUDA_VERSION=12.8.1
+# CUDA 13.0, as .ci/cuda-toolkit.sh pins for CI (the GPU machines we test on run driver 580).
+ARG CUDA_VERSION=13.0.2
 ARG CUDA_UBUNTU=ubuntu24.04
 
 # ---- skeleton: the workspace's manifests with empty sources, to build dependencies alone ------
@@ -76,7 +77,8 @@ ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/ca
 RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
     | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
 # candle's and our CUDA kernels are compiled for this compute capability (80 = A100, 90 = H100).
-# Pick CUDA_VERSION for your nodes' driver (12.8 needs driver >= 570, 13.0 needs >= 580).
+# CUDA_VERSION must suit your nodes' driver: 13.0 needs >= 580; on driver 570 build with
+# --build-arg CUDA_VERSION=12.8.1 (12.8 needs >= 570).
 ARG CUDA_COMPUTE_CAP=80
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
