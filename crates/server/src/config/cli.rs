@@ -93,11 +93,11 @@ pub struct Cli {
     /// Compute device: cpu or cuda:N [default: cpu].
     #[arg(long, env = "MPT_SERVER_DEVICE", hide_env_values = true)]
     pub device: Option<String>,
-    /// Fraction of the GPU's memory this process may use, in (0, 1]: the KV cache gets what is left of it after the weights and a measured activation peak, unless --kv-cache-memory or --num-kv-blocks is given. No effect on the CPU, where the --kv-cache-memory budget applies [default: 0.9].
+    /// Fraction F of the GPU's memory this process may use, 0 < F ≤ 1: the KV cache gets what is left of it after the weights and a measured activation peak, unless --kv-cache-memory or --num-kv-blocks is given. No effect on the CPU, where the --kv-cache-memory budget applies [default: 0.9].
     #[arg(
         long,
         env = "MPT_SERVER_GPU_MEMORY_UTILIZATION",
-        value_name = "FRACTION",
+        value_name = "F",
         hide_env_values = true
     )]
     pub gpu_memory_utilization: Option<f64>,
