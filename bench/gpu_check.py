@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU check for mpt-serve, run by bench/gpu-check.sh on a machine with an NVIDIA GPU, torch and
-transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--smoke]
+transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--server MPT_SERVER] [--smoke]
 
 (a) Correctness. For random MPT checkpoints with head dims 64, 112 and 128 (the kernels'
     instantiations), transformers' MptForCausalLM in float32 gives the reference logits for every
@@ -14,6 +14,11 @@ transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--smok
     512) and prefill tokens/s (2048 tokens), each against its floor: weights (+ the KV cache a
     decode step reads) / measured device copy bandwidth, and 2 x params x tokens / measured bf16
     matmul rate. Target from issue 7: batch-1 decode <= 1.2 x its floor.
+(c) The served path (with --server): mpt-server with `--load-format dummy` at MPT-7B shapes on the
+    GPU, once per `--attention-kernels` value, the KV pool sized by `--gpu-memory-utilization`
+    (its "KV cache pool" log line is printed); a 1500-token prompt and 16 concurrent requests must
+    complete, and the device memory in use (all processes) must stay within 0.9 of the card plus
+    1 GiB of slack.
 
 --smoke runs everything on the CPU at toy sizes (to test this script where there is no GPU).
 Prints a table last; exit status 1 if any correctness check failed (speed is reported, not judged).
@@ -25,10 +30,15 @@ import copy
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +47,7 @@ from transformers import MptConfig, MptForCausalLM
 
 BINARY = sys.argv[1]
 SMOKE = "--smoke" in sys.argv
+SERVER = sys.argv[sys.argv.index("--server") + 1] if "--server" in sys.argv else None
 DEV = "cpu" if SMOKE else "cuda:0"
 TORCH_DEV = "cpu" if SMOKE else "cuda"
 WORK = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -281,12 +292,118 @@ def speed() -> None:
                         f"x{r['s'] / floor_s:.2f}", "-", None)
 
 
+def word_tokenizer(vocab: int) -> dict:
+    """tokenizer.json of a word-level tokenizer: `<|endoftext|>` = 0, then w1, w2, ... (every id
+    decodes, so a dummy model's random tokens do too)."""
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}],
+        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<|endoftext|>"},
+    }
+
+
+def http(url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def served() -> None:
+    if SERVER is None:
+        log("no --server binary given: the served-path check (c) is skipped")
+        return
+    shape = (dict(d_model=256, n_heads=4, n_layers=2) if SMOKE
+             else dict(d_model=4096, n_heads=32, n_layers=32))  # MPT-7B
+    vocab = 1000 if SMOKE else 50432
+    model = WORK / "served-mpt-7b-shape"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {**mosaic_config(shape), "vocab_size": vocab, "max_seq_len": 2048}))
+    (model / "tokenizer.json").write_text(json.dumps(word_tokenizer(vocab)))
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    for kernels in ["candle-ops"] if SMOKE else ["candle-ops", "custom"]:
+        name = f"server {kernels}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        args = [SERVER, "--model", str(model), "--served-model-name", "dummy",
+                "--load-format", "dummy", "--device", DEV, "--attention-kernels", kernels,
+                "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "16"]
+        if SMOKE:
+            args += ["--threads", "2"]
+        log_path = WORK / f"server-{kernels}.log"
+        env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            t = time.time()
+            while time.time() - t < 300 and proc.poll() is None:
+                try:
+                    if http(f"{base}/ready", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            text = log_path.read_text()
+            pool = next((line for line in text.splitlines() if "KV cache pool" in line), "")
+            print(pool, flush=True)
+            if proc.poll() is not None or "KV cache pool" not in pool:
+                row(f"{name}: startup", f"failed: {text[-300:]!r}", "-", False)
+                continue
+            row(f"{name}: ready", f"{time.time() - t:.1f}s", "-", True)
+            sized = "--gpu-memory-utilization" in pool or SMOKE
+            row(f"{name}: KV pool", pool.split("KV cache pool", 1)[1].strip()[:150],
+                "-" if SMOKE else "sized by --gpu-memory-utilization", sized)
+            long_prompt = " ".join(f"w{1 + i % (vocab - 1)}" for i in range(1500))
+            status, body = http(f"{base}/v1/completions", {
+                "model": "dummy", "prompt": long_prompt, "max_tokens": 16, "ignore_eos": True})
+            ok = status == 200 and body.get("usage", {}).get("completion_tokens") == 16
+            row(f"{name}: 1500-token prompt", f"HTTP {status}", "200, 16 tokens", ok)
+            prompts = [" ".join(f"w{1 + (i * 7 + j) % (vocab - 1)}" for j in range(200))
+                       for i in range(16)]
+            t = time.time()
+            with ThreadPoolExecutor(16) as pool_:
+                results = list(pool_.map(lambda p: http(f"{base}/v1/completions", {
+                    "model": "dummy", "prompt": p, "max_tokens": 32, "ignore_eos": True}),
+                    prompts))
+            took = time.time() - t
+            ok = all(st == 200 and b.get("usage", {}).get("completion_tokens") == 32
+                     for st, b in results)
+            row(f"{name}: 16 concurrent requests", f"{16 * 32 / took:.0f} generated tok/s",
+                "all 200", ok)
+            if not SMOKE:
+                free, total = torch.cuda.mem_get_info()
+                used = total - free
+                gib = 1024**3
+                row(f"{name}: device memory in use (all processes)",
+                    f"{used / gib:.1f} of {total / gib:.1f} GiB", "0.9 x total + 1 GiB",
+                    used <= 0.9 * total + gib)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log(f"{name}: log in {log_path}")
+
+
 def main() -> int:
     log(f"binary {BINARY}, device {DEV}, work dir {WORK}")
     if not SMOKE:
         log(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
     torch.set_num_threads(min(16, os.cpu_count() or 1))
-    for phase in (correctness, speed):
+    for phase in (correctness, speed, served):
         try:
             phase()
         except Exception as e:
