@@ -12,7 +12,7 @@
 # With the session's device tool, after `pack`:
 #   run(command="bash bench/gpu-check.sh run", carry=["bench/gpu-check-bin"], timeout_s=560)
 # The log is also written to $OUT/gpu-check.log when $OUT is set. Expected device time: about
-# 4-6 minutes (machine start not included); gpu_check.py prints a summary table last.
+# 5-7 minutes (machine start not included); gpu_check.py prints a summary table last.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
