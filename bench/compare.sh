@@ -13,6 +13,12 @@
 #      same mpt-bench load sent to it (same seed → byte-identical requests), then stopped
 #   6. a markdown table of ratios (ours vs llama-server) and a chart
 #
+# Scenarios: decode (prompt 128 / output 128 at 1, 4 and $BENCH_PARALLEL streams; KV waste
+# sampled from mpt-serve's /metrics, estimated for llama-server from its fixed 1024 slots per
+# sequence), prefill (512 / 1, one stream), overhead (32 / 1, one stream, sequential: TTFT
+# minus the server-reported prefill time — mpt-serve's /metrics histogram diffed around each
+# request, llama-server's `timings.prompt_ms`).
+#
 # Settings (environment): BENCH_WORK (default target/bench), BENCH_OUT (default
 # $BENCH_WORK/results), BENCH_THREADS (2), BENCH_PARALLEL (16), BENCH_PYTHON (a python with
 # tests/fixtures/requirements.txt installed; default .venv-ref, else a new venv), BENCH_PORT_OURS
@@ -134,13 +140,18 @@ wait_ready() { # port, readiness path (200 once the model is loaded), log file
 }
 
 if [[ ${BENCH_QUICK:-0} == 1 ]]; then
-  DECODE_REQ=(--num-requests 4); PREFILL_REQ=(--num-requests 3); CAP=60
+  DECODE_REQ=(--num-requests 4); PREFILL_REQ=(--num-requests 3); OVERHEAD_REQ=(--num-requests 5)
+  CAP=60
 else
-  DECODE_REQ=(); PREFILL_REQ=(--num-requests 8); CAP=240
+  DECODE_REQ=(); PREFILL_REQ=(--num-requests 8); OVERHEAD_REQ=(--num-requests 20); CAP=240
 fi
+# llama-server's KV: -c $((PARALLEL * 1024)) split over -np $PARALLEL sequences, each holding
+# its 1024 slots from start to end (no KV gauge to sample, so waste is estimated from that).
+LLAMA_SLOTS_PER_SEQ=1024
 
-run_load() { # label, port
+run_load() { # label, port, extra decode flags...
   local label=$1 port=$2 dir=$OUT/$1
+  shift 2
   mkdir -p "$dir"
   # The machine is shared: record how busy it was, next to the numbers.
   echo "$label: load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/loadavg.txt"
@@ -149,11 +160,16 @@ run_load() { # label, port
     --request-timeout 300 --no-progress)
   log "$label: decode, prompt 128 / output 128, concurrency 1,4,16"
   "$BENCH" run "${common[@]}" --scenario decode --prompt-tokens 128 --output-tokens 128 \
-    --concurrency 1,4,"$PARALLEL" "${DECODE_REQ[@]}" --output "$dir/decode.json" \
+    --concurrency 1,4,"$PARALLEL" "${DECODE_REQ[@]}" "$@" --output "$dir/decode.json" \
     | tee "$dir/decode.txt"
   log "$label: prefill, prompt 512 / output 1, concurrency 1"
   "$BENCH" run "${common[@]}" --scenario prefill --prompt-tokens 512 --output-tokens 1 \
-    --concurrency 1 "${PREFILL_REQ[@]}" --output "$dir/prefill.json" | tee "$dir/prefill.txt"
+    --concurrency 1 "${PREFILL_REQ[@]}" --kv-sample-interval 0 --output "$dir/prefill.json" \
+    | tee "$dir/prefill.txt"
+  log "$label: overhead, prompt 32 / output 1, one request at a time, server prefill subtracted"
+  "$BENCH" run "${common[@]}" --scenario overhead --prompt-tokens 32 --output-tokens 1 \
+    --concurrency 1 "${OVERHEAD_REQ[@]}" --server-timings --kv-sample-interval 0 \
+    --output "$dir/overhead.json" | tee "$dir/overhead.txt"
 }
 
 if [[ ${BENCH_ONLY:-ours} != llama ]]; then
@@ -171,19 +187,25 @@ if [[ ${BENCH_ONLY:-llama} != ours ]]; then
   log "starting llama-server on 127.0.0.1:$PORT_LLAMA (threads $THREADS, -np $PARALLEL, -cb)"
   # -c: 1024 tokens of context per parallel sequence (prompt 512 + output, or 128 + 128).
   "$LLAMA_SERVER" -m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA" \
-    -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * 1024)) \
+    -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * LLAMA_SLOTS_PER_SEQ)) \
     >"$OUT/llama-server.log" 2>&1 &
   SERVER_PID=$!
   wait_ready "$PORT_LLAMA" /health "$OUT/llama-server.log"
-  run_load llama-server "$PORT_LLAMA"
+  run_load llama-server "$PORT_LLAMA" --kv-slots-per-seq "$LLAMA_SLOTS_PER_SEQ"
   stop_server
 fi
 
 # ---- 6. the table ---------------------------------------------------------------------------------
+# Scenarios both servers have results for (an older results directory may lack one).
+PAIRS=()
+for scenario in decode prefill overhead; do
+  if [[ -f $OUT/mpt-serve/$scenario.json && -f $OUT/llama-server/$scenario.json ]]; then
+    PAIRS+=(--candidate "$OUT/mpt-serve/$scenario.json"
+      --baseline "$OUT/llama-server/$scenario.json")
+  fi
+done
 if [[ -f $OUT/mpt-serve/decode.json && -f $OUT/llama-server/decode.json ]]; then
-  "$BENCH" compare \
-    --candidate "$OUT/mpt-serve/decode.json" --baseline "$OUT/llama-server/decode.json" \
-    --candidate "$OUT/mpt-serve/prefill.json" --baseline "$OUT/llama-server/prefill.json" \
+  "$BENCH" compare "${PAIRS[@]}" \
     --output "$OUT/comparison.md" --chart "$OUT/benchmark-decode.png"
   {
     echo

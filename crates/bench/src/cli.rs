@@ -292,8 +292,13 @@ mod tests {
             a.metrics_url().as_deref(),
             Some("http://127.0.0.1:8000/metrics")
         );
-        let a = parse(&["--metrics-url", "http://h:1/m", "--kv-slots-per-seq", "1024"])
-            .expect("parses");
+        let a = parse(&[
+            "--metrics-url",
+            "http://h:1/m",
+            "--kv-slots-per-seq",
+            "1024",
+        ])
+        .expect("parses");
         assert_eq!(
             (a.metrics_url().as_deref(), a.kv_slots_per_seq),
             (Some("http://h:1/m"), Some(1024))

@@ -4,7 +4,8 @@
 //! chunk's bytes arrive (so TTFT includes connection, queueing and prefill, as a user sees it);
 //! the output length is forced (`max_tokens` = `min_tokens` = `n_predict`, `ignore_eos`) so
 //! every server does the same work; a request never panics on what a server sends: anything
-//! unexpected becomes the record's `error`.
+//! unexpected becomes the record's `error`. A request that fails to send (no response at all)
+//! is sent once more with a fresh clock, so a stale keep-alive connection is not a failure.
 
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,18 @@ impl StreamTimer {
     }
 }
 
+/// An error with its chain of causes (reqwest's own message rarely says what went wrong).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Sends one request and times its stream (keeping server timings only if the target asks).
 pub async fn send(
     client: &reqwest::Client,
@@ -163,17 +176,27 @@ async fn send_timed(
     start_s: f64,
 ) -> RequestRecord {
     let body = request_body(target, req);
-    let mut timer = StreamTimer::start(req, start_s);
-    let mut builder = client
-        .post(&target.url)
-        .timeout(target.request_timeout)
-        .json(&body);
-    if let Some(key) = &target.api_key {
-        builder = builder.bearer_auth(key);
-    }
-    let response = match builder.send().await {
-        Ok(r) => r,
-        Err(e) => return timer.finish(Instant::now(), Some(format!("request failed: {e}"))),
+    let mut retried = false;
+    let (mut timer, response) = loop {
+        let timer = StreamTimer::start(req, start_s);
+        let mut builder = client
+            .post(&target.url)
+            .timeout(target.request_timeout)
+            .json(&body);
+        if let Some(key) = &target.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        match builder.send().await {
+            Ok(r) => break (timer, r),
+            // A kept-alive connection that the server closed just as we reused it fails before
+            // any response (llama-server closes them after a few requests): send once more,
+            // on a new connection, timed afresh.
+            Err(e) if !retried && e.is_request() && !e.is_timeout() => retried = true,
+            Err(e) => {
+                let why = format!("request failed: {}", with_causes(&e));
+                return timer.finish(Instant::now(), Some(why));
+            }
+        }
     };
     let status = response.status();
     if !status.is_success() {
@@ -195,7 +218,9 @@ async fn send_timed(
                     }
                 }
             }
-            Err(e) => return timer.finish(now, Some(format!("stream failed: {e}"))),
+            Err(e) => {
+                return timer.finish(now, Some(format!("stream failed: {}", with_causes(&e))));
+            }
         }
     }
     let now = Instant::now();
@@ -267,7 +292,11 @@ mod tests {
         assert!((r.itl_s[0] - 0.03).abs() < 1e-9 && (r.itl_s[1] - 0.04).abs() < 1e-9);
         assert!((r.e2e_s - 0.171).abs() < 1e-9);
         assert_eq!((r.prompt_tokens, r.output_tokens), (Some(2), 3));
-        assert_eq!(r.server_prefill_s, Some(0.0995), "llama-server's timings.prompt_ms");
+        assert_eq!(
+            r.server_prefill_s,
+            Some(0.0995),
+            "llama-server's timings.prompt_ms"
+        );
         assert_eq!(r.server_timing_source, Some(TimingSource::ResponseTimings));
         assert!(t0 <= d);
     }

@@ -177,9 +177,11 @@ fn metrics(level: &LevelResult, other: &LevelResult) -> Vec<Metric> {
         m.push(("e2e p50 (ms)", Better::Lower, |l| p50(&l.e2e_ms)));
     }
     if level.overhead_ms.is_some() || other.overhead_ms.is_some() {
-        m.push(("server overhead p50 (ms): TTFT − server prefill", Better::Lower, |l| {
-            p50(&l.overhead_ms)
-        }));
+        m.push((
+            "server overhead p50 (ms): TTFT − server prefill",
+            Better::Lower,
+            |l| p50(&l.overhead_ms),
+        ));
         m.push(("server overhead p90 (ms)", Better::Lower, |l| {
             l.overhead_ms.map(|s| s.p90)
         }));

@@ -134,9 +134,10 @@ pub fn prefill_diff(before: &Samples, after: &Samples) -> Option<(f64, Option<f6
         return None;
     }
     let prefill = delta(names::PREFILL_SUM)?.max(0.0);
-    let queue = match delta(names::QUEUE_COUNT) {
-        Some(c) if c == 1.0 => delta(names::QUEUE_SUM).map(|q| q.max(0.0)),
-        _ => None,
+    let queue = if delta(names::QUEUE_COUNT) == Some(1.0) {
+        delta(names::QUEUE_SUM).map(|q| q.max(0.0))
+    } else {
+        None
     };
     Some((prefill, queue))
 }
@@ -319,7 +320,10 @@ nan_metric NaN
         let p = ServerProbe::detect(Some("u".into()), Some(&s), tick, None);
         assert!(p.prefill_from_metrics && p.kv_from_metrics);
         let p = ServerProbe::detect(Some("u".into()), Some(&s), Duration::ZERO, None);
-        assert!(p.prefill_from_metrics && !p.kv_from_metrics, "interval 0 = off");
+        assert!(
+            p.prefill_from_metrics && !p.kv_from_metrics,
+            "interval 0 = off"
+        );
         let other = parse_prometheus("llamacpp:prompt_tokens_total 5\n");
         let p = ServerProbe::detect(None, Some(&other), tick, Some(1024));
         assert!(!p.prefill_from_metrics && !p.kv_from_metrics);
