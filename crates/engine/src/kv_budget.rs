@@ -198,7 +198,23 @@ pub(crate) fn measure_gpu(
     )?;
     device.synchronize()?;
     let (free_before, _) = context.mem_get_info().map_err(driver)?;
-    let logits = model.forward(batch, &mut cache)?;
+    let logits = model.forward(batch, &mut cache).map_err(|e| {
+        EngineError::setting(
+            "max_num_batched_tokens",
+            format!(
+                "the profiling forward pass of the largest step ({} tokens, contexts up to {}) \
+                 failed: {e}. Lower --max-num-batched-tokens or --max-model-len (attention \
+                 scores grow with their product), or pick --attention-kernels custom",
+                batch.num_tokens(),
+                batch
+                    .seqs
+                    .iter()
+                    .map(|s| s.context_len())
+                    .max()
+                    .unwrap_or(0),
+            ),
+        )
+    })?;
     device.synchronize()?;
     let (free_after, _) = context.mem_get_info().map_err(driver)?;
     drop(logits);
