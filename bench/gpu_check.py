@@ -308,13 +308,19 @@ def word_tokenizer(vocab: int) -> dict:
 
 
 def http(url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+    """Status and JSON body ({} when the body is not a JSON object)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"{}")
+            status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        status, raw = e.code, e.read()
+    try:
+        parsed = json.loads(raw or b"{}")
+    except ValueError:
+        parsed = {}
+    return status, parsed if isinstance(parsed, dict) else {}
 
 
 def served() -> None:
