@@ -7,7 +7,12 @@
 //! already in the cache once this step's tokens are written), and the score of key `j` is
 //! `scale · q·k_j + slope_h · (j − p)`.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
+
+use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs};
+use super::skinny_kernel::detect_isa;
 
 use crate::kv_cache::KvGeometry;
 use crate::kv_cache::cache::LayerKv;
@@ -43,7 +48,9 @@ pub(crate) fn write_kv(
     }
 }
 
-/// Attention output (rows of width `n_heads · head_dim`) for every new token's query.
+/// Attention output (rows of width `n_heads · head_dim`) for every new token's query. Prompt
+/// chunks of at least `MIN_TILED_RUN` tokens go through the tiled kernel of
+/// `attention_prefill.rs`; decode tokens and short chunks are computed one (token, head) at a time.
 pub(crate) fn paged_attention(
     geom: &KvGeometry,
     layer: &LayerKv,
@@ -54,15 +61,29 @@ pub(crate) fn paged_attention(
 ) -> Vec<f32> {
     let hd = geom.head_dim;
     let nh = geom.n_heads;
+    let long_runs: Vec<Range<usize>> = runs(slots)
+        .into_iter()
+        .filter(|run| run.len() >= MIN_TILED_RUN)
+        .collect();
+    let mut tiled = vec![false; slots.len()];
+    for run in &long_runs {
+        tiled[run.clone()].fill(true);
+    }
     let mut out = vec![0f32; slots.len() * nh * hd];
     out.par_chunks_mut(hd)
         .enumerate()
+        .filter(|(i, _)| !tiled[i / nh])
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
             let (t, h) = (i / nh, i % nh);
             let slot = slots[t];
             let query = &q[t * nh * hd + h * hd..][..hd];
             attend_one(geom, layer, slot, h, query, slopes[h], scale, scores, o);
         });
+    let isa = detect_isa();
+    let long_out = attend_long_runs(isa, geom, layer, slots, &long_runs, q, slopes, scale);
+    for (run, rows) in long_runs.iter().zip(long_out) {
+        out[run.start * nh * hd..run.end * nh * hd].copy_from_slice(&rows);
+    }
     out
 }
 
@@ -232,6 +253,91 @@ mod tests {
         for (a, b) in got.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn tiled_prompt_chunks_match_contiguous_in_a_mixed_batch() {
+        // Sequence A: a 5-token chunk (per-token path), then 70 tokens (tiled path, three query
+        // tiles, reading A's cached prefix) batched with sequence B's whole 9-token prompt and
+        // a decode token of sequence C. Head dim 20 exercises the kernels' vector tails.
+        let (nh, hd, bs) = (3, 20, 4);
+        let (len_a, len_b, len_c) = (75, 9, 6);
+        let geom = KvGeometry {
+            num_blocks: 32,
+            block_size: bs,
+            n_heads: nh,
+            head_dim: hd,
+        };
+        let w = nh * hd;
+        let slopes = [0.5, 0.25, 0.0625];
+        let seq = |len: usize, seed: u32| {
+            let (q, k, v) = (
+                pseudo_random(len * w, seed),
+                pseudo_random(len * w, seed + 1),
+                pseudo_random(len * w, seed + 2),
+            );
+            let expected = reference(&q, &k, &v, nh, hd, &slopes, 0.2);
+            (q, k, v, expected)
+        };
+        let (a, b, c) = (seq(len_a, 10), seq(len_b, 20), seq(len_c, 30));
+        let table_a: Vec<u32> = (0..19).map(|i| 31 - i).collect();
+        let table_b = [2u32, 0, 1];
+        let table_c = [5u32, 4];
+        let mut layer = LayerKv {
+            k: vec![0.0; 32 * geom.block_len()],
+            v: vec![0.0; 32 * geom.block_len()],
+        };
+        fn slot(block_table: &[u32], pos: usize) -> TokenSlot<'_> {
+            TokenSlot { block_table, pos }
+        }
+        let (table_a, table_b, table_c) = (&table_a[..], &table_b[..], &table_c[..]);
+        let rows = |x: &[f32], r: Range<usize>| x[r.start * w..r.end * w].to_vec();
+
+        // Step 1: A's first 5 tokens and C's first 5 tokens.
+        let mut slots: Vec<TokenSlot<'_>> = (0..5).map(|p| slot(table_a, p)).collect();
+        slots.extend((0..5).map(|p| slot(table_c, p)));
+        let cat = |x: &[f32], y: &[f32]| [x, y].concat();
+        let (q1, k1, v1) = (
+            cat(&rows(&a.0, 0..5), &rows(&c.0, 0..5)),
+            cat(&rows(&a.1, 0..5), &rows(&c.1, 0..5)),
+            cat(&rows(&a.2, 0..5), &rows(&c.2, 0..5)),
+        );
+        write_kv(&geom, &mut layer, &slots, &k1, &v1);
+        let first = paged_attention(&geom, &layer, &slots, &q1, &slopes, 0.2);
+
+        // Step 2: A's remaining 70, all of B, C's decode token.
+        let mut slots: Vec<TokenSlot<'_>> = (5..len_a).map(|p| slot(table_a, p)).collect();
+        slots.extend((0..len_b).map(|p| slot(table_b, p)));
+        slots.push(slot(table_c, 5));
+        let part = |i: usize| {
+            [
+                rows(&[&a.0, &a.1, &a.2][i][..], 5..len_a),
+                rows(&[&b.0, &b.1, &b.2][i][..], 0..len_b),
+                rows(&[&c.0, &c.1, &c.2][i][..], 5..6),
+            ]
+            .concat()
+        };
+        write_kv(&geom, &mut layer, &slots, &part(1), &part(2));
+        let second = paged_attention(&geom, &layer, &slots, &part(0), &slopes, 0.2);
+
+        let check = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (i, (g, e)) in got.iter().zip(want).enumerate() {
+                assert!((g - e).abs() < 1e-5, "{what} at {i}: {g} vs {e}");
+            }
+        };
+        check(
+            &[&first[..5 * w], &second[..(len_a - 5) * w]].concat(),
+            &a.3,
+            "sequence A",
+        );
+        let b_rows = (len_a - 5) * w..(len_a - 5 + len_b) * w;
+        check(&second[b_rows.clone()], &b.3, "sequence B");
+        check(
+            &[&first[5 * w..], &second[b_rows.end..]].concat(),
+            &c.3,
+            "sequence C",
+        );
     }
 
     #[test]

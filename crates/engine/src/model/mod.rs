@@ -6,11 +6,14 @@ mod attention;
 #[allow(unsafe_code)]
 mod attention_cuda;
 mod attention_kernels;
+mod attention_prefill;
 mod attention_tensor;
 pub mod batch;
 mod linear;
 pub mod loader;
 pub mod mpt;
+#[allow(unsafe_code)]
+mod skinny_kernel;
 
 pub use batch::{LogitsWanted, ModelBatch, SeqChunk};
 pub use mpt::Mpt;
