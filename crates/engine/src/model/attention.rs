@@ -12,7 +12,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs};
-use super::skinny_kernel::detect_isa;
+use super::skinny_kernel::{Isa, Rows, detect_isa, dot_rows, with_isa};
 
 use crate::kv_cache::KvGeometry;
 use crate::kv_cache::cache::LayerKv;
@@ -69,6 +69,7 @@ pub(crate) fn paged_attention(
     for run in &long_runs {
         tiled[run.clone()].fill(true);
     }
+    let isa = detect_isa();
     let mut out = vec![0f32; slots.len() * nh * hd];
     out.par_chunks_mut(hd)
         .enumerate()
@@ -77,9 +78,12 @@ pub(crate) fn paged_attention(
             let (t, h) = (i / nh, i % nh);
             let slot = slots[t];
             let query = &q[t * nh * hd + h * hd..][..hd];
-            attend_one(geom, layer, slot, h, query, slopes[h], scale, scores, o);
+            with_isa(isa, || {
+                attend_one(
+                    isa, geom, layer, slot, h, query, slopes[h], scale, scores, o,
+                )
+            });
         });
-    let isa = detect_isa();
     let long_out = attend_long_runs(isa, geom, layer, slots, &long_runs, q, slopes, scale);
     for (run, rows) in long_runs.iter().zip(long_out) {
         out[run.start * nh * hd..run.end * nh * hd].copy_from_slice(&rows);
@@ -88,8 +92,11 @@ pub(crate) fn paged_attention(
 }
 
 /// One query row of one head: softmax over keys `0..=pos`, weighted sum of values into `out`.
+/// Inlined into `with_isa` so its loops are vectorised for the CPU at hand.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attend_one(
+    isa: Isa,
     geom: &KvGeometry,
     layer: &LayerKv,
     slot: TokenSlot<'_>,
@@ -103,18 +110,19 @@ fn attend_one(
     let bs = geom.block_size;
     let hd = geom.head_dim;
     let len = slot.pos + 1;
+    let blocks = &slot.block_table[..len.div_ceil(bs)];
+    // A block's keys for one head are `bs` contiguous rows: one tiled product per block.
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for (b, &block) in slot.block_table[..len.div_ceil(bs)].iter().enumerate() {
+    scores.resize(len, 0.0);
+    for (&block, block_scores) in blocks.iter().zip(scores.chunks_mut(bs)) {
         let base = geom.offset(block as usize, head, 0);
-        let n = bs.min(len - b * bs);
-        for o in 0..n {
-            let key = &layer.k[base + o * hd..][..hd];
-            let j = b * bs + o;
-            let s = scale * dot(query, key) + slope * (j as f32 - slot.pos as f32);
-            max = max.max(s);
-            scores.push(s);
-        }
+        let keys = Rows::dense(&layer.k[base..base + block_scores.len() * hd], hd);
+        dot_rows(isa, keys, Rows::dense(query, hd), hd, block_scores);
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = scale * *s + slope * (j as f32 - slot.pos as f32);
+        max = max.max(*s);
     }
     let mut sum = 0f32;
     for s in scores.iter_mut() {
@@ -122,11 +130,9 @@ fn attend_one(
         sum += *s;
     }
     out.fill(0.0);
-    for (b, &block) in slot.block_table[..len.div_ceil(bs)].iter().enumerate() {
+    for (&block, block_scores) in blocks.iter().zip(scores.chunks(bs)) {
         let base = geom.offset(block as usize, head, 0);
-        let n = bs.min(len - b * bs);
-        for o in 0..n {
-            let p = scores[b * bs + o];
+        for (o, &p) in block_scores.iter().enumerate() {
             let value = &layer.v[base + o * hd..][..hd];
             for (acc, &x) in out.iter_mut().zip(value) {
                 *acc += p * x;
@@ -135,24 +141,6 @@ fn attend_one(
     }
     let inv = 1.0 / sum;
     out.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// Dot product with eight independent accumulators so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Deterministic values in [-1, 1] for kernel tests (xorshift), shared by the attention tests.
@@ -338,11 +326,5 @@ mod tests {
             &c.3,
             "sequence C",
         );
-    }
-
-    #[test]
-    fn dot_handles_tails() {
-        let a: Vec<f32> = (0..13).map(|i| i as f32).collect();
-        assert_eq!(dot(&a, &a), (0..13).map(|i| (i * i) as f32).sum::<f32>());
     }
 }

@@ -10,7 +10,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::attention::TokenSlot;
-use super::skinny_kernel::{Isa, Rows, dot_rows};
+use super::skinny_kernel::{Isa, Rows, dot_rows, with_isa};
 use crate::kv_cache::KvGeometry;
 use crate::kv_cache::cache::LayerKv;
 
@@ -37,7 +37,9 @@ pub(crate) fn runs(slots: &[TokenSlot<'_>]) -> Vec<Range<usize>> {
 
 /// Attention output of one head for every token of `run` (a chunk of one sequence), as rows of
 /// `head_dim` floats. `q` holds all of the step's queries, rows of `n_heads · head_dim`.
+/// Inlined into `with_isa` so its loops are vectorised for the CPU at hand.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn attend_run(
     isa: Isa,
     geom: &KvGeometry,
@@ -101,6 +103,7 @@ pub(crate) fn attend_run(
 
 /// Turns raw `q·k_j` of the query at position `pos` into attention weights in place: scaled,
 /// ALiBi-biased and normalised over `j ≤ pos`, zero beyond.
+#[inline(always)]
 fn softmax_causal(row: &mut [f32], pos: usize, slope: f32, scale: f32) {
     let (seen, unseen) = row.split_at_mut(pos + 1);
     let mut max = f32::NEG_INFINITY;
@@ -137,7 +140,9 @@ pub(crate) fn attend_long_runs(
         .flat_map_iter(|run| (0..nh).map(move |h| (run.clone(), h)))
         .map(|(run, h)| {
             let queries = &q[run.start * nh * hd..run.end * nh * hd];
-            attend_run(isa, geom, layer, &slots[run], queries, h, slopes[h], scale)
+            with_isa(isa, || {
+                attend_run(isa, geom, layer, &slots[run], queries, h, slopes[h], scale)
+            })
         })
         .collect();
     long_runs

@@ -137,6 +137,33 @@ pub(crate) fn detect_isa() -> Isa {
     Isa::Portable
 }
 
+/// Runs `f` compiled for `isa`: `f` is inlined into a function with that instruction set
+/// enabled, so the compiler vectorises its loops with it (the crate itself targets baseline x86-64).
+#[inline(always)]
+pub(crate) fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    match isa {
+        // SAFETY: `detect_isa` confirmed AVX-512F at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { call_avx512(f) },
+        // SAFETY: `detect_isa` confirmed AVX2 and FMA at run time.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { call_avx2(f) },
+        Isa::Portable => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn call_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn call_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// `count` rows of a matrix, each `stride` floats after the previous; the kernels read the first
 /// `k` floats of each.
 #[derive(Clone, Copy, Debug)]
