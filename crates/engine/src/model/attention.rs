@@ -12,6 +12,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs};
+use super::fast_math;
 use super::skinny_kernel::{Isa, Rows, detect_isa, dot_rows, with_isa};
 
 use crate::kv_cache::KvGeometry;
@@ -71,18 +72,24 @@ pub(crate) fn paged_attention(
     }
     let isa = detect_isa();
     let mut out = vec![0f32; slots.len() * nh * hd];
-    out.par_chunks_mut(hd)
+    // Tasks are (token, group of heads): whole tokens when there are enough of them to keep
+    // every thread busy, smaller head groups for a handful of decodes.
+    let heads_per_task = heads_per_task(nh, slots.len(), rayon::current_num_threads());
+    out.par_chunks_mut(heads_per_task * hd)
         .enumerate()
-        .filter(|(i, _)| !tiled[i / nh])
+        .filter(|(i, _)| !tiled[i * heads_per_task / nh])
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
-            let (t, h) = (i / nh, i % nh);
-            let slot = slots[t];
-            let query = &q[t * nh * hd + h * hd..][..hd];
-            with_isa(isa, || {
-                attend_one(
-                    isa, geom, layer, slot, h, query, slopes[h], scale, scores, o,
-                )
-            });
+            let (t, first_head) = (i * heads_per_task / nh, i * heads_per_task % nh);
+            let query = &q[t * nh * hd + first_head * hd..][..heads_per_task * hd];
+            with_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    attend_heads(
+                        isa, geom, layer, slots[t], first_head, query, slopes, scale, scores, o,
+                    )
+                },
+            );
         });
     let long_out = attend_long_runs(isa, geom, layer, slots, &long_runs, q, slopes, scale);
     for (run, rows) in long_runs.iter().zip(long_out) {
@@ -91,56 +98,83 @@ pub(crate) fn paged_attention(
     out
 }
 
-/// One query row of one head: softmax over keys `0..=pos`, weighted sum of values into `out`.
-/// Inlined into `with_isa` so its loops are vectorised for the CPU at hand.
+/// The largest divisor of `n_heads` that still gives at least four tasks per thread.
+fn heads_per_task(n_heads: usize, tokens: usize, threads: usize) -> usize {
+    let wanted = (n_heads * tokens)
+        .div_ceil(4 * threads.max(1))
+        .clamp(1, n_heads);
+    (1..=wanted)
+        .rev()
+        .find(|d| n_heads.is_multiple_of(*d))
+        .unwrap_or(1)
+}
+
+/// One token's query against heads `heads.start..heads.start + out.len() / head_dim`: softmax
+/// over keys `0..=pos`, weighted sum of values into `out` (one `head_dim` row per head).
+/// Each pass walks the sequence's blocks in order and, within a block, the heads in order: a
+/// block holds all heads' keys (then values) contiguously, so the reads stream instead of
+/// jumping between blocks once per head. Inlined into `with_isa` so its loops are vectorised for
+/// the CPU at hand.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_one(
+fn attend_heads(
     isa: Isa,
     geom: &KvGeometry,
     layer: &LayerKv,
     slot: TokenSlot<'_>,
-    head: usize,
+    first_head: usize,
     query: &[f32],
-    slope: f32,
+    slopes: &[f32],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let bs = geom.block_size;
     let hd = geom.head_dim;
+    let heads = out.len() / hd;
     let len = slot.pos + 1;
     let blocks = &slot.block_table[..len.div_ceil(bs)];
-    // A block's keys for one head are `bs` contiguous rows: one tiled product per block.
+    // Scores laid out [head][key]: a block's keys for one head are `bs` contiguous rows, scored
+    // against the query with one tiled product.
     scores.clear();
-    scores.resize(len, 0.0);
-    for (&block, block_scores) in blocks.iter().zip(scores.chunks_mut(bs)) {
-        let base = geom.offset(block as usize, head, 0);
-        let keys = Rows::dense(&layer.k[base..base + block_scores.len() * hd], hd);
-        dot_rows(isa, keys, Rows::dense(query, hd), hd, block_scores);
+    scores.resize(heads * len, 0.0);
+    for (b, &block) in blocks.iter().enumerate() {
+        let n = bs.min(len - b * bs);
+        for i in 0..heads {
+            let base = geom.offset(block as usize, first_head + i, 0);
+            let keys = Rows::dense(&layer.k[base..base + n * hd], hd);
+            let q = Rows::dense(&query[i * hd..(i + 1) * hd], hd);
+            dot_rows(isa, keys, q, hd, &mut scores[i * len + b * bs..][..n]);
+        }
     }
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = scale * *s + slope * (j as f32 - slot.pos as f32);
-        max = max.max(*s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    for (i, head_scores) in scores.chunks_exact_mut(len).enumerate() {
+        let slope = slopes[first_head + i];
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in head_scores.iter_mut().enumerate() {
+            *s = scale * *s + slope * (j as f32 - slot.pos as f32);
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in head_scores.iter_mut() {
+            *s = fast_math::exp(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        head_scores.iter_mut().for_each(|p| *p *= inv);
     }
     out.fill(0.0);
-    for (&block, block_scores) in blocks.iter().zip(scores.chunks(bs)) {
-        let base = geom.offset(block as usize, head, 0);
-        for (o, &p) in block_scores.iter().enumerate() {
-            let value = &layer.v[base + o * hd..][..hd];
-            for (acc, &x) in out.iter_mut().zip(value) {
-                *acc += p * x;
+    for (b, &block) in blocks.iter().enumerate() {
+        let n = bs.min(len - b * bs);
+        for (i, head_out) in out.chunks_exact_mut(hd).enumerate() {
+            let base = geom.offset(block as usize, first_head + i, 0);
+            let probs = &scores[i * len + b * bs..][..n];
+            for (value, &p) in layer.v[base..base + n * hd].chunks_exact(hd).zip(probs) {
+                for (acc, &x) in head_out.iter_mut().zip(value) {
+                    *acc += p * x;
+                }
             }
         }
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// Deterministic values in [-1, 1] for kernel tests (xorshift), shared by the attention tests.

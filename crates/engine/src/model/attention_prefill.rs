@@ -10,6 +10,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::attention::TokenSlot;
+use super::fast_math;
 use super::skinny_kernel::{Isa, Rows, dot_rows, with_isa};
 use crate::kv_cache::KvGeometry;
 use crate::kv_cache::cache::LayerKv;
@@ -113,7 +114,7 @@ fn softmax_causal(row: &mut [f32], pos: usize, slope: f32, scale: f32) {
     }
     let mut sum = 0f32;
     for s in seen.iter_mut() {
-        *s = (*s - max).exp();
+        *s = fast_math::exp(*s - max);
         sum += *s;
     }
     let inv = 1.0 / sum;
@@ -140,9 +141,11 @@ pub(crate) fn attend_long_runs(
         .flat_map_iter(|run| (0..nh).map(move |h| (run.clone(), h)))
         .map(|(run, h)| {
             let queries = &q[run.start * nh * hd..run.end * nh * hd];
-            with_isa(isa, || {
-                attend_run(isa, geom, layer, &slots[run], queries, h, slopes[h], scale)
-            })
+            with_isa(
+                isa,
+                #[inline(always)]
+                || attend_run(isa, geom, layer, &slots[run], queries, h, slopes[h], scale),
+            )
         })
         .collect();
     long_runs

@@ -9,6 +9,8 @@ mod attention_kernels;
 mod attention_prefill;
 mod attention_tensor;
 pub mod batch;
+mod fast_math;
+mod gelu;
 mod linear;
 pub mod loader;
 pub mod mpt;

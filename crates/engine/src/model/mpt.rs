@@ -14,6 +14,7 @@ use super::alibi::alibi_slopes;
 use super::attention::{TokenSlot, paged_attention, write_kv};
 use super::attention_tensor::{self, TensorPlan};
 use super::batch::ModelBatch;
+use super::gelu::gelu_erf;
 use super::linear::Linear;
 use super::loader::{DummyWeights, WeightFiles};
 use crate::config::{ModelSource, MptConfig};
@@ -315,7 +316,7 @@ impl Mpt {
             let h = block.norm_2.forward(&x)?;
             let ffn = block
                 .down_proj
-                .forward(&block.up_proj.forward(&h)?.gelu_erf()?)?;
+                .forward(&gelu_erf(&block.up_proj.forward(&h)?)?)?;
             x = (x + ffn)?;
         }
         if logit_rows.is_empty() {
