@@ -9,9 +9,10 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs};
 use super::fast_math;
-use super::parallel::for_each_chunk_mut;
 use super::skinny_kernel::{Isa, Rows, detect_isa, dot_rows, with_isa};
 
 use crate::kv_cache::KvGeometry;
@@ -74,32 +75,22 @@ pub(crate) fn paged_attention(
     // Tasks are (token, group of heads): whole tokens when there are enough of them to keep
     // every thread busy, smaller head groups for a handful of decodes.
     let heads_per_task = heads_per_task(nh, slots.len(), rayon::current_num_threads());
-    for_each_chunk_mut(&mut out, heads_per_task * hd, |i, o| {
-        let (t, first_head) = (i * heads_per_task / nh, i * heads_per_task % nh);
-        if tiled[t] {
-            return;
-        }
-        let query = &q[t * nh * hd + first_head * hd..][..heads_per_task * hd];
-        let mut scores = Vec::new();
-        with_isa(
-            isa,
-            #[inline(always)]
-            || {
-                attend_heads(
-                    isa,
-                    geom,
-                    layer,
-                    slots[t],
-                    first_head,
-                    query,
-                    slopes,
-                    scale,
-                    &mut scores,
-                    o,
-                )
-            },
-        );
-    });
+    out.par_chunks_mut(heads_per_task * hd)
+        .enumerate()
+        .filter(|(i, _)| !tiled[i * heads_per_task / nh])
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
+            let (t, first_head) = (i * heads_per_task / nh, i * heads_per_task % nh);
+            let query = &q[t * nh * hd + first_head * hd..][..heads_per_task * hd];
+            with_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    attend_heads(
+                        isa, geom, layer, slots[t], first_head, query, slopes, scale, scores, o,
+                    )
+                },
+            );
+        });
     let long_out = attend_long_runs(isa, geom, layer, slots, &long_runs, q, slopes, scale);
     for (run, rows) in long_runs.iter().zip(long_out) {
         out[run.start * nh * hd..run.end * nh * hd].copy_from_slice(&rows);

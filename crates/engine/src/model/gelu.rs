@@ -4,9 +4,9 @@
 //! vectorised for the CPU at hand. Other dtypes and devices use candle's `gelu_erf`.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::fast_math;
-use super::parallel::for_each_chunk_mut;
 use super::skinny_kernel::{detect_isa, with_isa};
 
 /// Elements per parallel task: enough to amortise scheduling.
@@ -40,18 +40,19 @@ impl CustomOp1 for GeluErf {
         let input = &storage.as_slice::<f32>()?[start..end];
         let mut out = vec![0f32; input.len()];
         let isa = detect_isa();
-        for_each_chunk_mut(&mut out, CHUNK, |i, out| {
-            let input = &input[i * CHUNK..i * CHUNK + out.len()];
-            with_isa(
-                isa,
-                #[inline(always)]
-                || {
-                    for (o, &x) in out.iter_mut().zip(input) {
-                        *o = fast_math::gelu(x);
-                    }
-                },
-            )
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(input.par_chunks(CHUNK))
+            .for_each(|(out, input)| {
+                with_isa(
+                    isa,
+                    #[inline(always)]
+                    || {
+                        for (o, &x) in out.iter_mut().zip(input) {
+                            *o = fast_math::gelu(x);
+                        }
+                    },
+                )
+            });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

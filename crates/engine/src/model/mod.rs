@@ -15,8 +15,6 @@ mod linear;
 pub mod loader;
 pub mod mpt;
 #[allow(unsafe_code)]
-mod parallel;
-#[allow(unsafe_code)]
 mod skinny_kernel;
 
 pub use batch::{LogitsWanted, ModelBatch, SeqChunk};

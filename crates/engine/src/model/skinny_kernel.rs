@@ -7,7 +7,7 @@
 //! call. Weight rows are split over threads; the activations (m × k floats) stay in L2.
 //! Invariant: every function here is only reached after `detect_isa` confirmed the instruction set.
 
-use super::parallel::for_each_chunk_mut;
+use rayon::prelude::*;
 
 /// Weight rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
@@ -214,11 +214,10 @@ pub(crate) fn matmul_nt(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: u
             count: m,
             stride: k,
         };
-        for_each_chunk_mut(&mut out_t, ROWS_PER_TASK * m, |task, out| {
-            let first = task * ROWS_PER_TASK;
-            let rows = &w[first * k..(first + out.len() / m) * k];
-            dot_rows(isa, Rows::dense(rows, k), x, k, out)
-        });
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .zip(w.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(out, rows)| dot_rows(isa, Rows::dense(rows, k), x, k, out));
     }
     if m == 1 {
         return out_t;
