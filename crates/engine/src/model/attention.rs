@@ -11,8 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs};
-use super::fast_math;
+use super::attention_prefill::{MIN_TILED_RUN, attend_long_runs, runs, softmax_causal};
 use super::skinny_kernel::{Isa, Rows, detect_isa, dot_rows, with_isa};
 
 use crate::kv_cache::KvGeometry;
@@ -148,19 +147,7 @@ fn attend_heads(
         }
     }
     for (i, head_scores) in scores.chunks_exact_mut(len).enumerate() {
-        let slope = slopes[first_head + i];
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in head_scores.iter_mut().enumerate() {
-            *s = scale * *s + slope * (j as f32 - slot.pos as f32);
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in head_scores.iter_mut() {
-            *s = fast_math::exp(*s - max);
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        head_scores.iter_mut().for_each(|p| *p *= inv);
+        softmax_causal(head_scores, slot.pos, slopes[first_head + i], scale);
     }
     out.fill(0.0);
     for (b, &block) in blocks.iter().enumerate() {

@@ -103,9 +103,9 @@ pub(crate) fn attend_run(
 }
 
 /// Turns raw `q·k_j` of the query at position `pos` into attention weights in place: scaled,
-/// ALiBi-biased and normalised over `j ≤ pos`, zero beyond.
+/// ALiBi-biased and normalised over `j ≤ pos`, zero beyond. Shared with the decode kernel.
 #[inline(always)]
-fn softmax_causal(row: &mut [f32], pos: usize, slope: f32, scale: f32) {
+pub(crate) fn softmax_causal(row: &mut [f32], pos: usize, slope: f32, scale: f32) {
     let (seen, unseen) = row.split_at_mut(pos + 1);
     let mut max = f32::NEG_INFINITY;
     for (j, s) in seen.iter_mut().enumerate() {
