@@ -12,42 +12,11 @@ use mpt_engine::{AttentionKernels, LoadFormat};
 use mpt_server::config::ServerConfig;
 use serde_json::json;
 
-/// A word-level tokenizer for ids `0..vocab_size` (`<|endoftext|>` = 0, then `w1`, `w2`, ...).
-fn tokenizer_json(vocab_size: usize) -> String {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<|endoftext|>".into(), 0.into());
-    for id in 1..vocab_size {
-        vocab.insert(format!("w{id}"), id.into());
-    }
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|endoftext|>"}
-    })
-    .to_string()
-}
-
 /// A temporary copy of the `heads6-sharded` fixture without its weight files.
 fn weightless_checkpoint() -> PathBuf {
     let fixture =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/heads6-sharded");
-    let dir = std::env::temp_dir().join(format!("mpt-serve-dummy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    std::fs::copy(fixture.join("config.json"), dir.join("config.json")).expect("config.json");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("read"))
-            .expect("json");
-    let vocab = config["vocab_size"].as_u64().expect("vocab_size") as usize;
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json(vocab)).expect("tokenizer.json");
-    dir
+    weightless::weightless_checkpoint(&fixture, true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

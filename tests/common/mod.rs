@@ -2,6 +2,8 @@
 //! port and talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod weightless;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;

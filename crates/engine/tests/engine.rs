@@ -1,11 +1,14 @@
 //! End-to-end engine tests on the bundled demo model: batching never changes a request's
 //! tokens, a starved KV pool preempts without changing outputs, stops and cancellation behave.
 
+mod common;
+
+use common::request;
 use std::time::{Duration, Instant};
 
 use mpt_engine::{
     EngineConfig, EngineHandle, Event, EventStream, FinishReason, GenerateRequest, KvCacheSize,
-    SamplingParams, StopConditions, SubmitError,
+    SamplingParams, SubmitError,
 };
 
 fn engine(f: impl FnOnce(&mut EngineConfig)) -> EngineHandle {
@@ -16,23 +19,6 @@ fn engine(f: impl FnOnce(&mut EngineConfig)) -> EngineHandle {
     };
     f(&mut config);
     EngineHandle::start(config).expect("demo engine starts")
-}
-
-fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        request_id: "t".into(),
-        prompt_token_ids: prompt,
-        sampling: SamplingParams::default(),
-        stop: StopConditions {
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        },
-        n: 1,
-        best_of: 1,
-        logprobs: None,
-        prompt_logprobs: None,
-    }
 }
 
 /// Everything one request produced.

@@ -4,8 +4,10 @@
 //! automatic KV cache is the CPU byte budget; the profiling batch of `--gpu-memory-utilization`
 //! runs through the model.
 
+mod common;
+
+use common::request;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device};
 use mpt_engine::config::DEFAULT_CPU_KV_CACHE_BYTES;
@@ -13,9 +15,12 @@ use mpt_engine::kv_budget::profile_batch;
 use mpt_engine::kv_cache::KvCache;
 use mpt_engine::model::Mpt;
 use mpt_engine::{
-    AttentionKernels, EngineConfig, EngineError, EngineHandle, Event, GenerateRequest, KvCacheSize,
-    LoadFormat, ModelSource, MptConfig, SamplingParams, StopConditions,
+    AttentionKernels, EngineConfig, EngineError, EngineHandle, Event, KvCacheSize, LoadFormat,
+    ModelSource, MptConfig,
 };
+
+#[path = "../../../tests/common/weightless.rs"]
+mod weightless;
 
 const FIXTURE: &str = "heads6-sharded";
 
@@ -25,49 +30,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A word-level tokenizer covering ids `0..vocab_size` (`<|endoftext|>` = 0, then `w1`, `w2`,
-/// ...), so every id a 1024-row fixture model samples decodes.
-fn tokenizer_json(vocab_size: usize) -> String {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<|endoftext|>".into(), 0.into());
-    for id in 1..vocab_size {
-        vocab.insert(format!("w{id}"), id.into());
-    }
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|endoftext|>"}
-    })
-    .to_string()
-}
-
 /// A fresh directory with the fixture's `config.json` (unless `with_config` is false) and a
 /// tokenizer, but no weight files.
 fn weightless_dir(with_config: bool) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "mpt-load-format-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = fixture(FIXTURE).join("config.json");
-    let vocab = MptConfig::from_dir(&fixture(FIXTURE))
-        .expect("fixture config")
-        .vocab_size;
-    if with_config {
-        std::fs::copy(config, dir.join("config.json")).expect("copy config.json");
-    }
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json(vocab)).expect("tokenizer.json");
-    dir
+    weightless::weightless_checkpoint(&fixture(FIXTURE), with_config)
 }
 
 fn config(model: ModelSource, load_format: LoadFormat) -> EngineConfig {
@@ -76,23 +42,6 @@ fn config(model: ModelSource, load_format: LoadFormat) -> EngineConfig {
         load_format,
         threads: Some(2),
         ..EngineConfig::default()
-    }
-}
-
-fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        request_id: "t".into(),
-        prompt_token_ids: prompt,
-        sampling: SamplingParams::default(),
-        stop: StopConditions {
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        },
-        n: 1,
-        best_of: 1,
-        logprobs: None,
-        prompt_logprobs: None,
     }
 }
 
