@@ -1,6 +1,7 @@
-//! Compiles `kernels/*.cu` to PTX with nvcc when the `cuda` feature is on (as candle-kernels
-//! does); the PTX is embedded with `include_str!` by `src/model/attention_kernels.rs`. Without
-//! the feature this does nothing, so CPU builds need no CUDA toolkit.
+//! Compiles the CUDA kernels (`src/model/attention/cuda/*.cu`) to PTX with nvcc when the `cuda`
+//! feature is on (as candle-kernels does); the PTX is embedded with `include_str!` by
+//! `src/model/attention/cuda/launch.rs`. Without the feature this does nothing, so CPU builds
+//! need no CUDA toolkit.
 //!
 //! Reads `NVCC` (default `nvcc` on PATH) and `CUDA_COMPUTE_CAP` (default 80: PTX for sm_80 is
 //! JIT-compiled by the driver for A100, H100 and H200 alike).
@@ -25,7 +26,7 @@ fn main() {
         .parse()
         .unwrap_or_else(|_| panic!("CUDA_COMPUTE_CAP must be a number like 80 or 90, got {cap:?}"));
     for name in KERNELS {
-        let src = format!("kernels/{name}.cu");
+        let src = format!("src/model/attention/cuda/{name}.cu");
         println!("cargo::rerun-if-changed={src}");
         let ptx = out_dir.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use mpt_engine::ModelSource;
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::kv::KvCache;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
 
 fn main() -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::kv::KvCache;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
 use mpt_engine::{ModelSource, MptConfig};
 

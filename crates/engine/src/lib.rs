@@ -1,29 +1,31 @@
 //! MPT inference engine: loads MosaicML MPT checkpoints, runs the ALiBi forward pass over a paged
 //! KV cache, and (on its own thread) batches many requests continuously.
 //!
-//! The server talks to the engine only through [`types`] and the engine handle; nothing here
-//! knows about HTTP.
+//! Layout, each folder one concern, imports running downwards:
+//! - [`api`]: the boundary the server uses — plain request/event types, the [`EngineHandle`],
+//!   settings and errors. Nothing here knows about HTTP or OpenAI wire formats.
+//! - [`core`]: the engine thread — loading, the step loop, per-request bookkeeping.
+//! - [`sched`]: the continuous-batching scheduler and its sequences (pure data).
+//! - [`kv`]: the paged KV cache — block allocator, prefix cache, storage, pool sizing.
+//! - [`decode`]: sampling, stop conditions, streaming detokenization.
+//! - [`model`]: MPT itself — config, weights, the forward pass, paged attention backends.
+//! - `kernels`: CPU SIMD kernels (instruction-set detection, matmul, fast maths, GELU).
 
-pub mod config;
-pub mod demo;
-pub mod error;
-pub mod handle;
-pub mod kv_budget;
-pub mod kv_cache;
+pub mod api;
+pub mod core;
+pub mod decode;
+mod kernels;
+pub mod kv;
 pub mod model;
-pub mod sampling;
-pub mod scheduler;
-pub mod sequence;
-mod step_loop;
-pub mod stop;
+pub mod sched;
 pub mod tokenizer;
-pub mod types;
 
-pub use config::{
+pub use api::config::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
-    MptConfig,
 };
-pub use error::{EngineError, Result};
-pub use handle::{EngineHandle, EventStream};
-pub use tokenizer::{IncrementalDecoder, Tokenizer};
-pub use types::*;
+pub use api::error::{EngineError, Result};
+pub use api::handle::{EngineHandle, EventStream};
+pub use api::types::*;
+pub use decode::detokenizer::IncrementalDecoder;
+pub use model::config::MptConfig;
+pub use tokenizer::Tokenizer;

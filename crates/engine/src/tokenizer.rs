@@ -1,16 +1,10 @@
-//! Tokenizer wrapper and streaming detokenizer.
-//!
-//! Invariants of [`IncrementalDecoder`]: every string it returns is complete UTF-8 with no
-//! replacement character produced by a token cut in the middle of a character (text ending in
-//! an incomplete sequence is held back), and the concatenation of everything returned by
-//! [`IncrementalDecoder::push`] followed by [`IncrementalDecoder::finish`] equals
-//! [`Tokenizer::decode`] of all ids pushed. It decodes a short window of recent tokens per step
-//! (the read-offset method), so the cost per token does not grow with the sequence length.
+//! The model's tokenizer: a Hugging Face `tokenizer.json` (GPT-NeoX-20B BPE for MPT). Streaming
+//! detokenization lives in [`crate::decode::detokenizer`].
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{EngineError, Result};
+use crate::api::error::{EngineError, Result};
 
 /// The model's tokenizer (a Hugging Face `tokenizer.json`). MPT adds no BOS token.
 #[derive(Clone)]
@@ -77,78 +71,15 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
-
-    /// A fresh streaming detokenizer for one sequence.
-    pub fn incremental(&self) -> IncrementalDecoder {
-        IncrementalDecoder {
-            tokenizer: self.clone(),
-            ids: Vec::new(),
-            prefix_len: 0,
-            prefix_text: String::new(),
-        }
-    }
-}
-
-/// Streaming detokenizer for one sequence; see the module docs for its guarantees.
-#[derive(Debug, Clone)]
-pub struct IncrementalDecoder {
-    tokenizer: Tokenizer,
-    /// Recent ids: `ids[..prefix_len]` were already emitted and serve as context,
-    /// `ids[prefix_len..]` are not emitted yet.
-    ids: Vec<u32>,
-    prefix_len: usize,
-    /// `decode(ids[..prefix_len])`.
-    prefix_text: String,
-}
-
-impl IncrementalDecoder {
-    /// Adds one token and returns the text that became final (possibly empty).
-    pub fn push(&mut self, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        if text.len() <= self.prefix_text.len()
-            || text.ends_with(char::REPLACEMENT_CHARACTER)
-            || !text.starts_with(&self.prefix_text)
-        {
-            return Ok(String::new());
-        }
-        let new_text = text[self.prefix_text.len()..].to_string();
-        // Keep the tokens just emitted as context for the next window: some decoders change a
-        // token's text depending on what precedes it.
-        self.ids.drain(..self.prefix_len);
-        self.prefix_len = self.ids.len();
-        self.prefix_text = self.tokenizer.decode(&self.ids)?;
-        Ok(new_text)
-    }
-
-    /// Flushes whatever is still held back (lossy if the sequence ended mid-character).
-    pub fn finish(&mut self) -> Result<String> {
-        let text = self.tokenizer.decode(&self.ids)?;
-        let rest = text
-            .strip_prefix(self.prefix_text.as_str())
-            .unwrap_or_default()
-            .to_string();
-        self.ids.drain(..);
-        self.prefix_len = 0;
-        self.prefix_text.clear();
-        Ok(rest)
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tokenizer() -> Tokenizer {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/tokenizer.json");
-        Tokenizer::from_file(&path).expect("bundled tokenizer loads")
-    }
-
-    fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
-        let mut dec = tok.incremental();
-        let mut out: Vec<String> = ids.iter().map(|&id| dec.push(id).expect("push")).collect();
-        out.push(dec.finish().expect("finish"));
-        out
+    /// The bundled demo model's tokenizer (the real GPT-NeoX-20B one).
+    pub(crate) fn demo_tokenizer() -> Tokenizer {
+        Tokenizer::from_bytes(crate::model::demo::TOKENIZER_JSON).expect("bundled tokenizer loads")
     }
 
     const TEXTS: &[&str] = &[
@@ -161,7 +92,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_no_special_tokens_added() {
-        let tok = tokenizer();
+        let tok = demo_tokenizer();
         for text in TEXTS {
             let ids = tok.encode(text).expect("encode");
             assert!(!ids.contains(&0), "no BOS/EOS added");
@@ -177,62 +108,8 @@ mod tests {
     }
 
     #[test]
-    fn incremental_matches_full_decode_and_never_breaks_utf8() {
-        let tok = tokenizer();
-        for text in TEXTS {
-            let ids = tok.encode(text).expect("encode");
-            let pieces = stream(&tok, &ids);
-            for piece in &pieces {
-                assert!(
-                    !piece.contains(char::REPLACEMENT_CHARACTER),
-                    "{text:?}: {pieces:?}"
-                );
-            }
-            assert_eq!(pieces.concat(), *text);
-            // Multi-byte characters split over several tokens must have produced empty pieces.
-            if text.contains('🦀') {
-                assert!(pieces.iter().any(String::is_empty));
-            }
-        }
-    }
-
-    #[test]
-    fn incremental_concatenation_equals_decode_for_arbitrary_ids() {
-        use rand::{Rng, SeedableRng};
-        let tok = tokenizer();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..50 {
-            let len = rng.random_range(1..40);
-            // Mix byte-level tokens (ids < 256 are mostly single bytes) with ordinary ones.
-            let ids: Vec<u32> = (0..len)
-                .map(|_| {
-                    if rng.random_bool(0.5) {
-                        rng.random_range(0..300)
-                    } else {
-                        rng.random_range(0..50_277)
-                    }
-                })
-                .collect();
-            let pieces = stream(&tok, &ids);
-            assert_eq!(
-                pieces.concat(),
-                tok.decode(&ids).expect("decode"),
-                "{ids:?}"
-            );
-            // Only the final flush may carry a replacement character (sequence ended mid-char).
-            for piece in &pieces[..pieces.len() - 1] {
-                if piece.ends_with(char::REPLACEMENT_CHARACTER) {
-                    panic!("held-back text leaked: {piece:?} for {ids:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn spaces_are_kept_between_tokens() {
-        let tok = tokenizer();
-        let ids = tok.encode(" a  b   c").expect("encode");
-        assert_eq!(stream(&tok, &ids).concat(), " a  b   c");
+    fn token_text_keeps_leading_spaces() {
+        let tok = demo_tokenizer();
         assert_eq!(
             tok.token_text(tok.encode(" world").expect("encode")[0]),
             " world"

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use mpt_engine::MptConfig;
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::kv::KvCache;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
 
 fn config(name: &str) -> MptConfig {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::kv::KvCache;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
 use mpt_engine::{EngineError, ModelSource};
 
@@ -391,7 +391,8 @@ fn bundled_demo_model_matches_the_reference_and_its_tokenizer() {
         &std::fs::read_to_string(fixtures_dir().join("demo-prompts.json")).unwrap(),
     )
     .unwrap();
-    let tokenizer = mpt_engine::Tokenizer::from_bytes(mpt_engine::demo::TOKENIZER_JSON).unwrap();
+    let tokenizer =
+        mpt_engine::Tokenizer::from_bytes(mpt_engine::model::demo::TOKENIZER_JSON).unwrap();
     for (i, text) in texts.iter().enumerate() {
         assert_eq!(
             tokenizer.encode(text).unwrap(),

@@ -10,9 +10,9 @@ use common::request;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use mpt_engine::config::DEFAULT_CPU_KV_CACHE_BYTES;
-use mpt_engine::kv_budget::profile_batch;
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::api::config::DEFAULT_CPU_KV_CACHE_BYTES;
+use mpt_engine::kv::KvCache;
+use mpt_engine::kv::budget::profile_batch;
 use mpt_engine::model::Mpt;
 use mpt_engine::{
     AttentionKernels, EngineConfig, EngineError, EngineHandle, Event, KvCacheSize, LoadFormat,

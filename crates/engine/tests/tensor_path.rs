@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use mpt_engine::ModelSource;
-use mpt_engine::kv_cache::KvCache;
+use mpt_engine::kv::KvCache;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
 
 const FIXTURES: [&str; 4] = [

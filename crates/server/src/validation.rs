@@ -5,7 +5,7 @@
 //! names the OpenAI field at fault; every `GenerateRequest` produced has a non-empty prompt of
 //! in-vocabulary ids and `prompt + max_tokens ≤ max_model_len`.
 
-use mpt_engine::tokenizer::Tokenizer;
+use mpt_engine::Tokenizer;
 use mpt_engine::{GenerateRequest, SamplingParams, StopConditions};
 use serde_json::Value;
 

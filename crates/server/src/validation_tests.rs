@@ -4,7 +4,7 @@ use super::*;
 use serde_json::json;
 
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_bytes(mpt_engine::demo::TOKENIZER_JSON).expect("demo tokenizer")
+    Tokenizer::from_bytes(mpt_engine::model::demo::TOKENIZER_JSON).expect("demo tokenizer")
 }
 
 fn ctx(t: &Tokenizer) -> ValidationContext<'_> {

@@ -1,10 +1,12 @@
 //! Linear layers. Decode steps multiply a few activation rows (one per running sequence) by
 //! large weight matrices, where candle's general GEMM leaves much of the memory bandwidth and FMA
 //! throughput unused. So for f32 on the CPU with up to 32 rows we use our register-tiled kernel
-//! (`skinny_kernel.rs`); prefill chunks and other dtypes and devices go to candle's matmul.
+//! (`kernels::cpu::matmul`); prefill chunks and other dtypes and devices go to candle's matmul.
 
-use super::skinny_kernel::{detect_isa, matmul_nt};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::kernels::cpu::isa::detect_isa;
+use crate::kernels::cpu::matmul::matmul_nt;
 
 /// Row counts that use the skinny kernel. Measured on a 2-core AVX-512 EPYC against candle 0.11.1
 /// (`linear_speed_report` below, f32, the ~125M model's shapes): 1.4–2.2× faster at 1 row (the

@@ -1,21 +1,15 @@
-//! The MPT model: checkpoint loading, ALiBi, the paged attention kernel and the forward pass.
+//! The MPT model: its `config.json` ([`config`]), checkpoint weights ([`weights`], [`demo`]),
+//! ALiBi slopes ([`alibi`]), the batch description a step runs ([`batch`]), linear layers over
+//! the CPU kernels ([`linear`]), paged attention (`attention/`) and the forward pass ([`mpt`]).
 
 pub mod alibi;
-mod attention;
-#[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
-mod attention_cuda;
-mod attention_kernels;
-mod attention_prefill;
-mod attention_tensor;
+pub(crate) mod attention;
 pub mod batch;
-mod fast_math;
-mod gelu;
-mod linear;
-pub mod loader;
+pub mod config;
+pub mod demo;
+pub(crate) mod linear;
 pub mod mpt;
-#[allow(unsafe_code)]
-mod skinny_kernel;
+pub mod weights;
 
 pub use batch::{LogitsWanted, ModelBatch, SeqChunk};
 pub use mpt::Mpt;

@@ -7,21 +7,22 @@
 //! The KV cache is passed in from outside and paged: `forward` takes a mixed batch (prefill
 //! chunks and decode tokens of many sequences) and only computes logits for rows that need them.
 
+use std::cell::Cell;
+
 use candle_core::{D, DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::alibi::alibi_slopes;
-use super::attention::{TokenSlot, paged_attention, write_kv};
-use super::attention_tensor::{self, TensorPlan};
+use super::attention::Attention;
 use super::batch::ModelBatch;
-use super::gelu::gelu_erf;
+use super::config::MptConfig;
+use super::demo;
 use super::linear::Linear;
-use super::loader::{DummyWeights, WeightFiles};
-use crate::config::{ModelSource, MptConfig};
-use crate::demo;
-use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
-use crate::kv_cache::cache::KvStorage;
+use super::weights::{DummyWeights, WeightFiles};
+use crate::api::config::ModelSource;
+use crate::api::error::{EngineError, Result};
+use crate::api::types::LoadProgress;
+use crate::kernels::cpu::gelu::gelu_erf;
+use crate::kv::KvCache;
 
 /// LayerNorm with weight and bias; checkpoints without biases get a zero bias so candle's fused
 /// kernel is used.
@@ -59,13 +60,10 @@ pub struct Mpt {
     lm_head: Linear,
     blocks: Vec<Block>,
     norm_f: Norm,
-    slopes: Vec<f32>,
-    softmax_scale: f32,
+    attention: Attention,
     logit_scale: Option<f64>,
     device: Device,
     dtype: DType,
-    /// Attention by our CUDA kernels instead of candle tensor ops (tensor caches on CUDA only).
-    cuda_attention_kernels: bool,
 }
 
 /// Where weights come from: checkpoint files, or random values of the same shapes.
@@ -74,22 +72,30 @@ enum WeightSource<'a> {
     Dummy(DummyWeights),
 }
 
-/// Reads tensors by their mosaicml names, counting progress.
+/// Reads tensors by their mosaicml names, reporting progress after each.
 struct TensorReader<'a> {
     weights: WeightSource<'a>,
     config: &'a MptConfig,
     device: &'a Device,
     dtype: DType,
-    progress: ProgressBar,
+    report: &'a dyn Fn(LoadProgress),
+    loaded: Cell<usize>,
 }
 
 impl TensorReader<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = match &self.weights {
-            WeightSource::Files(files) => files.get(name, shape, self.dtype, self.device)?,
-            WeightSource::Dummy(dummy) => dummy.get(name, shape, self.dtype, self.device)?,
+        let (t, total) = match &self.weights {
+            WeightSource::Files(files) => (
+                files.get(name, shape, self.dtype, self.device)?,
+                files.len(),
+            ),
+            WeightSource::Dummy(dummy) => (dummy.get(name, shape, self.dtype, self.device)?, 0),
         };
-        self.progress.inc(1);
+        self.loaded.set(self.loaded.get() + 1);
+        (self.report)(LoadProgress {
+            tensors_loaded: self.loaded.get(),
+            tensors_total: total.max(self.loaded.get()),
+        });
         Ok(t)
     }
 
@@ -124,6 +130,16 @@ impl TensorReader<'_> {
 impl Mpt {
     /// Loads the model from a checkpoint directory or the bundled demo model.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_reporting(source, device, dtype, &|_| {})
+    }
+
+    /// [`Mpt::load`], calling `report` after each tensor read.
+    pub fn load_reporting(
+        source: &ModelSource,
+        device: &Device,
+        dtype: DType,
+        report: &dyn Fn(LoadProgress),
+    ) -> Result<Self> {
         let (config, weights) = match source {
             ModelSource::Dir(dir) => (MptConfig::from_dir(dir)?, WeightFiles::open(dir)?),
             ModelSource::Demo => (
@@ -131,7 +147,7 @@ impl Mpt {
                 WeightFiles::embedded(demo::WEIGHTS, "<bundled demo model>")?,
             ),
         };
-        Self::from_weights(config, &weights, device, dtype)
+        Self::build(config, WeightSource::Files(&weights), report, device, dtype)
     }
 
     /// Builds the model from opened weight files, checking every tensor's shape.
@@ -141,32 +157,20 @@ impl Mpt {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let progress = ProgressBar::new(weights.len() as u64).with_style(
-            ProgressStyle::with_template(
-                "loading weights {bar:40} {pos}/{len} tensors [{elapsed}]",
-            )
-            .map_err(|e| EngineError::Tokenizer(format!("progress bar template: {e}")))?,
-        );
-        Self::build(
-            config,
-            WeightSource::Files(weights),
-            progress,
-            device,
-            dtype,
-        )
+        Self::build(config, WeightSource::Files(weights), &|_| {}, device, dtype)
     }
 
     /// A model of `config`'s shapes with random weights drawn from `seed` (`--load-format
     /// dummy`): for measuring speed and memory without the checkpoint. Generated on `device`.
     pub fn dummy(config: MptConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
         let source = WeightSource::Dummy(DummyWeights::new(seed));
-        Self::build(config, source, ProgressBar::hidden(), device, dtype)
+        Self::build(config, source, &|_| {}, device, dtype)
     }
 
     fn build(
         config: MptConfig,
         weights: WeightSource<'_>,
-        progress: ProgressBar,
+        report: &dyn Fn(LoadProgress),
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
@@ -177,7 +181,8 @@ impl Mpt {
             config: &config,
             device,
             dtype,
-            progress,
+            report,
+            loaded: Cell::new(0),
         };
         let wte = reader.tensor("transformer.wte.weight", &[config.vocab_size, d])?;
         let mut blocks = Vec::with_capacity(config.n_layers);
@@ -204,10 +209,11 @@ impl Mpt {
             });
         }
         let norm_f = reader.norm("transformer.norm_f")?;
-        reader.progress.finish_and_clear();
         Ok(Self {
-            slopes: alibi_slopes(config.n_heads, config.attn_config.alibi_bias_max),
-            softmax_scale: config.softmax_scale() as f32,
+            attention: Attention::new(
+                alibi_slopes(config.n_heads, config.attn_config.alibi_bias_max),
+                config.softmax_scale() as f32,
+            ),
             logit_scale: config.logit_scale_value()?,
             config,
             lm_head: Linear::new(wte.clone(), None),
@@ -216,7 +222,6 @@ impl Mpt {
             norm_f,
             device: device.clone(),
             dtype,
-            cuda_attention_kernels: false,
         })
     }
 
@@ -235,32 +240,12 @@ impl Mpt {
         self.dtype
     }
 
-    /// Selects our own CUDA attention kernels (`kernels/paged_attention.cu`) instead of the
-    /// candle tensor-op path for tensor caches. Off by default: not yet verified on a GPU. Fails
-    /// unless built with the `cuda` feature, on a CUDA device, for a dtype and head dim the
-    /// kernels are instantiated for (f32/f16/bf16; 64, 112, 128).
+    /// Selects our own CUDA attention kernels instead of the candle tensor-op path for tensor
+    /// caches (see [`Attention::use_cuda_kernels`]). Off by default: not yet verified on a GPU.
     pub fn set_cuda_attention_kernels(&mut self, on: bool) -> Result<()> {
-        if on {
-            let refuse = |why: String| Err(EngineError::setting("attention_kernels", why));
-            if !cfg!(feature = "cuda") {
-                return refuse(
-                    "this build has no CUDA kernels (build with --features cuda)".into(),
-                );
-            }
-            if !self.device.is_cuda() {
-                return refuse("the CUDA attention kernels need a CUDA device".into());
-            }
-            if super::attention_kernels::kernel_suffix(self.dtype, self.config.head_dim()).is_none()
-            {
-                return refuse(format!(
-                    "no kernel for {:?} with head dim {}",
-                    self.dtype,
-                    self.config.head_dim()
-                ));
-            }
-        }
-        self.cuda_attention_kernels = on;
-        Ok(())
+        let head_dim = self.config.head_dim();
+        self.attention
+            .use_cuda_kernels(on, &self.device, self.dtype, head_dim)
     }
 
     /// Runs one mixed batch. Writes the new tokens' K/V into `cache` through each sequence's
@@ -270,33 +255,15 @@ impl Mpt {
         self.check_batch(batch, cache)?;
         let d = self.config.d_model;
         let mut ids = Vec::with_capacity(batch.num_tokens());
-        let mut slots = Vec::with_capacity(batch.num_tokens());
         let mut logit_rows = Vec::with_capacity(batch.num_logits_rows());
         for seq in &batch.seqs {
-            let first_row = ids.len();
-            for (i, &token) in seq.tokens.iter().enumerate() {
-                ids.push(token);
-                slots.push(TokenSlot {
-                    block_table: &seq.block_table,
-                    pos: seq.start_pos + i,
-                });
-            }
+            ids.extend_from_slice(&seq.tokens);
             let rows = seq.logits.rows(seq.tokens.len());
             logit_rows.extend((ids.len() - rows..ids.len()).map(|r| r as u32));
-            debug_assert!(ids.len() - rows >= first_row);
         }
         let n = ids.len();
-        // The tensor path's index and bias tensors, uploaded once for all layers.
-        let plan = match &cache.storage {
-            KvStorage::Tensors(_) => Some(TensorPlan::new(
-                batch,
-                &cache.geometry,
-                &self.slopes,
-                &self.device,
-                self.cuda_attention_kernels,
-            )?),
-            KvStorage::Cpu(_) => None,
-        };
+        // Index and bias tensors (or token slots on the CPU), made once for all layers.
+        let plan = self.attention.plan(batch, cache, &self.device)?;
         let mut x = self.wte.index_select(&Tensor::new(ids, &self.device)?, 0)?; // (n, d)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.norm_1.forward(&x)?;
@@ -311,7 +278,7 @@ impl Mpt {
                 q = q_ln.forward(&q)?;
                 k = k_ln.forward(&k)?;
             }
-            let attn = self.attention(layer, &q, &k, &v, &slots, plan.as_ref(), cache)?; // (n, d)
+            let attn = self.attention.forward(layer, &q, &k, &v, &plan, cache)?; // (n, d)
             x = (x + block.out_proj.forward(&attn)?)?;
             let h = block.norm_2.forward(&x)?;
             let ffn = block
@@ -337,49 +304,6 @@ impl Mpt {
             logits = (logits * scale)?;
         }
         Ok(logits)
-    }
-
-    /// Writes K/V for the new tokens and attends over each sequence's cached context.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        slots: &[TokenSlot<'_>],
-        plan: Option<&TensorPlan>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let geometry = cache.geometry;
-        let host_f32 = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-            t.to_dtype(DType::F32)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
-        match &mut cache.storage {
-            KvStorage::Cpu(layers) => {
-                let pool = &mut layers[layer];
-                write_kv(&geometry, pool, slots, &host_f32(k)?, &host_f32(v)?);
-                let out = paged_attention(
-                    &geometry,
-                    pool,
-                    slots,
-                    &host_f32(q)?,
-                    &self.slopes,
-                    self.softmax_scale,
-                );
-                let out = Tensor::from_vec(out, (slots.len(), self.config.d_model), &Device::Cpu)?;
-                Ok(out.to_dtype(self.dtype)?.to_device(&self.device)?)
-            }
-            KvStorage::Tensors(layers) => {
-                let plan = plan.expect("a tensor plan is built for tensor caches: this is a bug");
-                let (k_pool, v_pool) = &layers[layer];
-                attention_tensor::write_kv(plan, k_pool, v_pool, k, v)?;
-                attention_tensor::attention(plan, k_pool, v_pool, q, self.softmax_scale)
-            }
-        }
     }
 
     /// Rejects batches that would index outside the cache or the vocabulary. These are engine

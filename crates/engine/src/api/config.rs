@@ -1,0 +1,136 @@
+//! The engine's own settings ([`EngineConfig`]), chosen by whoever starts it; the server's flags
+//! map onto these. Checked when the engine starts ([`crate::EngineHandle::start`]).
+
+use std::path::PathBuf;
+
+/// Compute device for the model and the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The host CPU (always available).
+    #[default]
+    Cpu,
+    /// NVIDIA GPU with the given ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+/// Dtype for weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeSpec {
+    /// f32 on CPU, bf16 on GPU.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// KV cache budget on the CPU when no size is given ([`KvCacheSize::Auto`]).
+pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 1 << 30;
+
+/// Fraction of a GPU's memory the process may use when no size is given (vLLM's default).
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+/// How big the paged KV cache is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheSize {
+    /// On a GPU: what `gpu_memory_utilization` of the card leaves after the weights and a
+    /// measured activation peak. On the CPU: [`DEFAULT_CPU_KV_CACHE_BYTES`].
+    #[default]
+    Auto,
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// As many blocks as fit in this many bytes (K and V, all layers).
+    Bytes(u64),
+}
+
+/// Where the weights come from (vLLM's `--load-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// The checkpoint's weight files (safetensors, else PyTorch `.bin`).
+    #[default]
+    Auto,
+    /// Random weights of the checkpoint's shapes, built from `config.json` alone (speed and
+    /// memory measurements without the download; the output is noise).
+    Dummy,
+}
+
+/// Which attention implementation runs on a CUDA device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernels {
+    /// Gather, batched matmul and softmax from candle's own CUDA ops (correct by construction).
+    #[default]
+    CandleOps,
+    /// Our paged prefill/decode CUDA kernels (`cuda` feature, CUDA device only; not yet
+    /// verified on a GPU).
+    Custom,
+}
+
+/// Seed of the random weights of [`LoadFormat::Dummy`] (fixed: runs are repeatable).
+pub const DUMMY_WEIGHTS_SEED: u64 = 0;
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face style directory: `config.json`, `tokenizer.json`, weights.
+    Dir(PathBuf),
+    /// The small demo checkpoint compiled into the binary.
+    Demo,
+}
+
+/// Engine settings chosen by whoever starts it (the server's flags map onto these).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// The checkpoint to serve.
+    pub model: ModelSource,
+    /// Compute device.
+    pub device: DeviceSpec,
+    /// Weight and activation dtype.
+    pub dtype: DTypeSpec,
+    /// Context limit; `None` uses the checkpoint's `max_seq_len`. May exceed it (ALiBi).
+    pub max_model_len: Option<usize>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV cache size.
+    pub kv_cache: KvCacheSize,
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill + decode) in one step.
+    pub max_num_batched_tokens: usize,
+    /// Most requests waiting for admission before `submit` says `QueueFull`.
+    pub max_queue_size: usize,
+    /// Worker threads for CPU compute; `None` uses the physical cores.
+    pub threads: Option<usize>,
+    /// Reuse KV blocks of identical prompt prefixes.
+    pub enable_prefix_caching: bool,
+    /// Checkpoint weights, or random ones of the same shapes.
+    pub load_format: LoadFormat,
+    /// Attention implementation on a CUDA device ([`AttentionKernels::Custom`] fails elsewhere).
+    pub attention_kernels: AttentionKernels,
+    /// Fraction of the GPU's memory the process may use, in (0, 1]; sizes a
+    /// [`KvCacheSize::Auto`] cache on a GPU, ignored on the CPU.
+    pub gpu_memory_utilization: f64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSource::Demo,
+            device: DeviceSpec::Cpu,
+            dtype: DTypeSpec::Auto,
+            max_model_len: None,
+            block_size: 16,
+            kv_cache: KvCacheSize::Auto,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_queue_size: 256,
+            threads: None,
+            enable_prefix_caching: true,
+            load_format: LoadFormat::Auto,
+            attention_kernels: AttentionKernels::CandleOps,
+            gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+        }
+    }
+}

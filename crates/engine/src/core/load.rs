@@ -1,0 +1,250 @@
+//! Loading: the device, the weights (checkpoint or dummy), the tokenizer and the KV cache pool,
+//! everything the engine thread owns, plus the facts the handle needs ([`Ready`]).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::admission::Limits;
+use crate::api::config::{
+    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, LoadFormat,
+    ModelSource,
+};
+use crate::api::error::{EngineError, Result};
+use crate::api::types::{LoadProgress, ModelInfo};
+use crate::kv::KvCache;
+use crate::kv::budget::{fixed_kv_cache_blocks, gib};
+use crate::model::Mpt;
+use crate::model::config::MptConfig;
+use crate::sched::scheduler::{Scheduler, SchedulerConfig};
+use crate::tokenizer::Tokenizer;
+
+/// What the engine thread reports back once loaded.
+pub(crate) struct Ready {
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) model_info: ModelInfo,
+    pub(crate) limits: Limits,
+}
+
+/// Everything the engine thread owns, freshly loaded.
+pub(crate) struct Loaded {
+    pub(crate) model: Mpt,
+    pub(crate) cache: KvCache,
+    pub(crate) sched: Scheduler,
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) eos: u32,
+}
+
+fn resolve_device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
+    }
+}
+
+fn resolve_dtype(spec: DTypeSpec, device: &Device) -> DType {
+    match spec {
+        DTypeSpec::Auto if device.is_cpu() => DType::F32,
+        DTypeSpec::Auto => DType::BF16,
+        DTypeSpec::F32 => DType::F32,
+        DTypeSpec::F16 => DType::F16,
+        DTypeSpec::Bf16 => DType::BF16,
+    }
+}
+
+/// `chat_template` from `tokenizer_config.json` (a string, or the entry named `default`).
+fn read_chat_template(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match json.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// The model's weights from the checkpoint or, with `--load-format dummy`, random ones of the
+/// shapes in `config.json`.
+fn load_model(
+    config: &EngineConfig,
+    device: &Device,
+    dtype: DType,
+    on_progress: &dyn Fn(LoadProgress),
+) -> Result<Mpt> {
+    let mcfg = match (config.load_format, &config.model) {
+        (LoadFormat::Auto, source) => {
+            return Mpt::load_reporting(source, device, dtype, on_progress);
+        }
+        (LoadFormat::Dummy, ModelSource::Demo) => {
+            MptConfig::from_json(crate::model::demo::CONFIG_JSON)?
+        }
+        (LoadFormat::Dummy, ModelSource::Dir(dir)) => {
+            let path = dir.join("config.json");
+            if !path.is_file() {
+                return Err(EngineError::setting(
+                    "load_format",
+                    format!(
+                        "--load-format dummy builds the model from {} alone, and it is missing",
+                        path.display()
+                    ),
+                ));
+            }
+            MptConfig::from_dir(dir)?
+        }
+    };
+    tracing::warn!(
+        d_model = mcfg.d_model,
+        n_layers = mcfg.n_layers,
+        "--load-format dummy: random weights of the checkpoint's shapes; the output is noise"
+    );
+    Mpt::dummy(mcfg, device, dtype, DUMMY_WEIGHTS_SEED)
+}
+
+/// KV blocks for `config` and a sentence on how they were chosen; on a GPU with no explicit
+/// size this runs the profiling forward pass (see [`crate::kv::budget`]).
+fn kv_pool_blocks(
+    config: &EngineConfig,
+    model: &Mpt,
+    bytes_per_block: u64,
+    max_model_len: usize,
+) -> Result<(usize, String)> {
+    if let Some(fixed) =
+        fixed_kv_cache_blocks(config.kv_cache, !model.device().is_cpu(), bytes_per_block)
+    {
+        return Ok(fixed);
+    }
+    measured_kv_pool_blocks(config, model, bytes_per_block, max_model_len)
+}
+
+#[cfg(feature = "cuda")]
+fn measured_kv_pool_blocks(
+    config: &EngineConfig,
+    model: &Mpt,
+    bytes_per_block: u64,
+    max_model_len: usize,
+) -> Result<(usize, String)> {
+    use crate::kv::budget::{PoolNeeds, gpu_kv_cache_blocks, measure_gpu, profile_batch};
+    let (batch, profile_blocks) = profile_batch(
+        config.max_num_batched_tokens,
+        max_model_len,
+        config.max_num_seqs,
+        config.block_size,
+        model.config().vocab_size,
+    );
+    let memory = measure_gpu(model, &batch, profile_blocks, config.block_size)?;
+    let fraction = config.gpu_memory_utilization;
+    let needs = PoolNeeds {
+        bytes_per_block,
+        block_size: config.block_size,
+        max_model_len,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+    };
+    let blocks = gpu_kv_cache_blocks(&memory, fraction, &needs)?;
+    let how = format!(
+        "--gpu-memory-utilization {fraction}: {fraction} × {} total − {} in use after loading \
+         the weights − {} activation peak of a {}-token step",
+        gib(memory.total),
+        gib(memory.used_after_weights),
+        gib(memory.activation_peak),
+        batch.num_tokens(),
+    );
+    Ok((blocks, how))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn measured_kv_pool_blocks(
+    _config: &EngineConfig,
+    _model: &Mpt,
+    _bytes_per_block: u64,
+    _max_model_len: usize,
+) -> Result<(usize, String)> {
+    Err(EngineError::setting(
+        "gpu_memory_utilization",
+        "device memory can only be measured in a build with --features cuda",
+    ))
+}
+
+/// Loads the model, tokenizer and KV cache described by `config`.
+pub(crate) fn load(
+    config: &EngineConfig,
+    on_progress: &dyn Fn(LoadProgress),
+) -> Result<(Loaded, Ready)> {
+    let device = resolve_device(config.device)?;
+    let dtype = resolve_dtype(config.dtype, &device);
+    let mut model = load_model(config, &device, dtype, on_progress)?;
+    model.set_cuda_attention_kernels(config.attention_kernels == AttentionKernels::Custom)?;
+    let (tokenizer, model_dir) = match &config.model {
+        ModelSource::Demo => (
+            Tokenizer::from_bytes(crate::model::demo::TOKENIZER_JSON)?,
+            None,
+        ),
+        ModelSource::Dir(dir) => (
+            Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+            Some(dir.clone()),
+        ),
+    };
+    let mcfg = model.config().clone();
+    let max_model_len = config.max_model_len.unwrap_or(mcfg.max_seq_len);
+    if max_model_len == 0 {
+        return Err(EngineError::setting("max_model_len", "must be at least 1"));
+    }
+    // The CPU cache is f32 host memory whatever the weights are; on a GPU the pools hold the
+    // model's dtype.
+    let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let bytes_per_block = KvCache::bytes_per_block_dtype(&mcfg, config.block_size, kv_dtype);
+    let (num_blocks, how) = kv_pool_blocks(config, &model, bytes_per_block, max_model_len)?;
+    tracing::info!(
+        blocks = num_blocks,
+        tokens = num_blocks * config.block_size,
+        size = %gib(num_blocks as u64 * bytes_per_block),
+        dtype = ?kv_dtype,
+        sized_by = %how,
+        "KV cache pool"
+    );
+    let cache = if device.is_cpu() {
+        KvCache::new(&mcfg, num_blocks, config.block_size, &device)?
+    } else {
+        KvCache::new_tensors(&mcfg, num_blocks, config.block_size, &device, dtype)?
+    };
+    let sched = Scheduler::new(SchedulerConfig {
+        num_blocks,
+        block_size: config.block_size,
+        max_num_seqs: config.max_num_seqs,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+        enable_prefix_caching: config.enable_prefix_caching,
+    });
+    let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
+    let model_info = ModelInfo {
+        max_model_len,
+        vocab_size: mcfg.vocab_size,
+        eos_token_id: eos,
+        chat_template: model_dir.as_deref().and_then(read_chat_template),
+        model_dir,
+    };
+    let limits = Limits {
+        max_model_len,
+        vocab_size: mcfg.vocab_size,
+        num_blocks,
+        block_size: config.block_size,
+        max_queue_size: config.max_queue_size,
+    };
+    let tokenizer = Arc::new(tokenizer);
+    let loaded = Loaded {
+        model,
+        cache,
+        sched,
+        tokenizer: Arc::clone(&tokenizer),
+        eos,
+    };
+    Ok((
+        loaded,
+        Ready {
+            tokenizer,
+            model_info,
+            limits,
+        },
+    ))
+}

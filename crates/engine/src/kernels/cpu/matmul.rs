@@ -1,0 +1,480 @@
+//! The register-tiled matmul behind `Linear` for the small row counts of decode steps:
+//! `x (m, k) · w (n, k)ᵀ` with both operands k-contiguous, as PyTorch checkpoints store weights.
+//!
+//! A tile holds `RW` weight rows × `RX` activation rows of partial dot products in SIMD
+//! registers; each weight vector loaded is used `RX` times and each activation vector `RW` times,
+//! so the loop is bound by FMAs rather than loads, and each weight row comes from memory once per
+//! call. Weight rows are split over threads; the activations (m × k floats) stay in L2.
+//! Invariant: SIMD code here runs only for an [`Isa`] of that kind, and only `detect_isa` makes
+//! one, so it never runs on a CPU without the instruction set.
+
+use rayon::prelude::*;
+
+use super::isa::{Isa, IsaKind};
+
+/// Weight rows per parallel task: large enough to amortise scheduling, small enough to balance.
+const ROWS_PER_TASK: usize = 32;
+
+/// A SIMD register of f32 lanes: the few operations the tiled kernel needs.
+///
+/// Implementations are `unsafe` because they may only run on CPUs with the matching instruction set;
+/// an [`Isa`] of that kind guarantees it.
+trait Lanes: Copy {
+    /// Floats per register.
+    const WIDTH: usize;
+    unsafe fn zero() -> Self;
+    /// Loads `WIDTH` floats from `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// `a * b + acc`.
+    unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self;
+    /// Sum of the lanes.
+    unsafe fn sum(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Lanes;
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    impl Lanes for Avx512 {
+        const WIDTH: usize = 16;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn zero() -> Self {
+            Self(_mm512_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the caller passes a pointer to WIDTH readable floats.
+            Self(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self {
+            Self(_mm512_fmadd_ps(a.0, b.0, acc.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sum(self) -> f32 {
+            _mm512_reduce_add_ps(self.0)
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256);
+
+    impl Lanes for Avx2 {
+        const WIDTH: usize = 8;
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn zero() -> Self {
+            Self(_mm256_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the caller passes a pointer to WIDTH readable floats.
+            Self(unsafe { _mm256_loadu_ps(p) })
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self {
+            Self(_mm256_fmadd_ps(a.0, b.0, acc.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn sum(self) -> f32 {
+            let half = _mm_add_ps(
+                _mm256_castps256_ps128(self.0),
+                _mm256_extractf128_ps(self.0, 1),
+            );
+            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+        }
+    }
+}
+
+/// Floats in a 64-byte cache line.
+const FLOATS_PER_LINE: usize = 16;
+
+/// Hints the cache to bring the line at `p` into L2; never faults, so `p` may be past the end.
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint that never dereferences or faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// `count` rows of a matrix, each `stride` floats after the previous; the kernels read the first
+/// `k` floats of each.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rows<'a> {
+    /// The floats, starting at the first row.
+    pub(crate) data: &'a [f32],
+    /// Number of rows.
+    pub(crate) count: usize,
+    /// Distance between row starts, in floats.
+    pub(crate) stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// `data` as dense rows of `width` floats.
+    pub(crate) fn dense(data: &'a [f32], width: usize) -> Self {
+        let count = data.len().checked_div(width).unwrap_or(0);
+        Self {
+            data,
+            count,
+            stride: width,
+        }
+    }
+
+    /// Rows `from..from + count`.
+    fn sub(self, from: usize, count: usize) -> Self {
+        Self {
+            data: &self.data[(from * self.stride).min(self.data.len())..],
+            count,
+            stride: self.stride,
+        }
+    }
+
+    /// Whether `k` floats of every row are inside `data`.
+    fn holds(self, k: usize) -> bool {
+        self.count == 0 || (self.count - 1) * self.stride + k <= self.data.len()
+    }
+}
+
+/// `(m, k) · (n, k)ᵀ`, returned row-major `(m, n)`; weight rows are split over rayon threads.
+pub(crate) fn matmul_nt(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    // Computed transposed, (n, m), so each task owns a contiguous slice of output.
+    let mut out_t = vec![0f32; n * m];
+    if k > 0 {
+        let x = Rows {
+            data: x,
+            count: m,
+            stride: k,
+        };
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .zip(w.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(out, rows)| dot_rows(isa, Rows::dense(rows, k), x, k, out));
+    }
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, row) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// `out[i * b.count + j] = a_i · b_j` over the first `k` floats of each row, on this thread.
+/// `a` is streamed once (it is the large operand: weights, or keys); `b` is re-read per tile.
+pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+    assert!(a.holds(k) && b.holds(k), "dot_rows: rows shorter than k");
+    assert!(out.len() >= a.count * b.count, "dot_rows: output too small");
+    match isa.kind() {
+        // SAFETY: an `Isa` of this kind exists only once AVX-512F was detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        IsaKind::Avx512 => unsafe { rows_avx512(a, b, k, out) },
+        // SAFETY: an `Isa` of this kind exists only once AVX2 and FMA were detected.
+        #[cfg(target_arch = "x86_64")]
+        IsaKind::Avx2Fma => unsafe { rows_avx2(a, b, k, out) },
+        IsaKind::Portable => rows_portable(a, b, k, out),
+    }
+}
+
+/// Tile shapes: 4 × 4 accumulators plus 4 weight vectors and one activation vector fit AVX-512's
+/// 32 registers; a single activation row (batch-1 decode) streams 8 weight rows at once so that
+/// enough independent FMA chains hide the latency.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+    // SAFETY: the features are enabled on this function; `dot_rows` checked the sizes.
+    unsafe {
+        if b.count == 1 {
+            a_tiles::<x86::Avx512, 8, 1>(a, b, k, out)
+        } else {
+            a_tiles::<x86::Avx512, 4, 4>(a, b, k, out)
+        }
+    }
+}
+
+/// AVX2 has 16 registers: 2 × 4 accumulators plus 2 weight vectors and an activation vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe {
+        if b.count == 1 {
+            a_tiles::<x86::Avx2, 8, 1>(a, b, k, out)
+        } else {
+            a_tiles::<x86::Avx2, 2, 4>(a, b, k, out)
+        }
+    }
+}
+
+/// Walks `a` in groups of `RA` rows (then single rows), each against all of `b`.
+#[inline(always)]
+unsafe fn a_tiles<V: Lanes, const RA: usize, const RB: usize>(
+    a: Rows<'_>,
+    b: Rows<'_>,
+    k: usize,
+    out: &mut [f32],
+) {
+    let mut r = 0;
+    // SAFETY (both calls): forwarded from the caller.
+    unsafe {
+        while r + RA <= a.count {
+            b_tiles::<V, RA, RB>(a.sub(r, RA), b, k, &mut out[r * b.count..]);
+            r += RA;
+        }
+        while r < a.count {
+            b_tiles::<V, 1, RB>(a.sub(r, 1), b, k, &mut out[r * b.count..]);
+            r += 1;
+        }
+    }
+}
+
+/// The `RA` rows of `a` against all rows of `b`, `RB` at a time, prefetching the next `RA` rows
+/// of `a` (they follow in memory) into L2, spread evenly over the passes over `b`.
+#[inline(always)]
+unsafe fn b_tiles<V: Lanes, const RA: usize, const RB: usize>(
+    a: Rows<'_>,
+    b: Rows<'_>,
+    k: usize,
+    out: &mut [f32],
+) {
+    let passes = b.count.div_ceil(RB);
+    let steps = k / V::WIDTH;
+    let next = Prefetch {
+        base: a.data.as_ptr().wrapping_add(RA * a.stride),
+        // Assumes dense rows (strided operands are small and cache-resident anyway).
+        floats_per_step: (RA * V::WIDTH).div_ceil(passes.max(1)),
+    };
+    let mut c = 0;
+    // SAFETY (all calls): forwarded from the caller.
+    unsafe {
+        while c + RB <= b.count {
+            tile::<V, RA, RB>(a, b, k, c, out, next.pass(c / RB, steps));
+            c += RB;
+        }
+        let last = next.pass(c / RB, steps);
+        match b.count - c {
+            0 => {}
+            1 => tile::<V, RA, 1>(a, b, k, c, out, last),
+            2 => tile::<V, RA, 2>(a, b, k, c, out, last),
+            3 => tile::<V, RA, 3>(a, b, k, c, out, last),
+            rest => unreachable!("tile widths are at most 4; {rest} rows left over"),
+        }
+    }
+}
+
+/// Which part of the next tile of `a` one pass over the current tile prefetches.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    /// Start of the next tile's part for this pass (may be past the end of the data).
+    base: *const f32,
+    /// Floats of it to prefetch per vector step of the pass.
+    floats_per_step: usize,
+}
+
+impl Prefetch {
+    /// The share of pass `pass` when each pass has `steps` vector steps.
+    fn pass(self, pass: usize, steps: usize) -> Self {
+        Self {
+            base: self.base.wrapping_add(pass * steps * self.floats_per_step),
+            ..self
+        }
+    }
+
+    /// Prefetches this pass's floats for vector step `step`, one hint per cache line.
+    #[inline(always)]
+    fn step(self, step: usize) {
+        let start = step * self.floats_per_step;
+        let mut offset = start;
+        while offset < start + self.floats_per_step {
+            prefetch(self.base.wrapping_add(offset));
+            offset += FLOATS_PER_LINE;
+        }
+    }
+}
+
+/// `out[r * b.count + c0 + c] = a_r · b_(c0 + c)` for `r < RA`, `c < RB`.
+#[inline(always)]
+unsafe fn tile<V: Lanes, const RA: usize, const RB: usize>(
+    a: Rows<'_>,
+    b: Rows<'_>,
+    k: usize,
+    c0: usize,
+    out: &mut [f32],
+    next: Prefetch,
+) {
+    let (sa, sb, n) = (a.stride, b.stride, b.count);
+    assert!(
+        a.data.len() >= (RA - 1) * sa + k
+            && b.data.len() >= (c0 + RB - 1) * sb + k
+            && out.len() >= (RA - 1) * n + c0 + RB
+    );
+    let (ap, bp) = (a.data.as_ptr(), b.data[c0 * sb..].as_ptr());
+    // SAFETY: the assert above keeps every pointer below inside `a` and `b`: vector loads start
+    // at `i` with `i + WIDTH <= k` within a row of at least `k` floats.
+    unsafe {
+        let mut acc = [[V::zero(); RB]; RA];
+        let mut i = 0;
+        while i + V::WIDTH <= k {
+            let mut av = [V::zero(); RA];
+            next.step(i / V::WIDTH);
+            for (r, v) in av.iter_mut().enumerate() {
+                *v = V::load(ap.add(r * sa + i));
+            }
+            for c in 0..RB {
+                let bv = V::load(bp.add(c * sb + i));
+                for (acc_r, &a_r) in acc.iter_mut().zip(&av) {
+                    acc_r[c] = V::fmadd(a_r, bv, acc_r[c]);
+                }
+            }
+            i += V::WIDTH;
+        }
+        for r in 0..RA {
+            for c in 0..RB {
+                let tail: f32 = (i..k)
+                    .map(|j| a.data[r * sa + j] * b.data[(c0 + c) * sb + j])
+                    .sum();
+                out[r * n + c0 + c] = acc[r][c].sum() + tail;
+            }
+        }
+    }
+}
+
+/// Portable fallback: one dot product at a time, written so the compiler can vectorise it.
+fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+    const LANES: usize = 16;
+    for r in 0..a.count {
+        let ar = &a.data[r * a.stride..][..k];
+        for c in 0..b.count {
+            let br = &b.data[c * b.stride..][..k];
+            let mut acc = [0f32; LANES];
+            let (ca, cb) = (ar.chunks_exact(LANES), br.chunks_exact(LANES));
+            let tail: f32 = ca
+                .remainder()
+                .iter()
+                .zip(cb.remainder())
+                .map(|(x, y)| x * y)
+                .sum();
+            for (x, y) in ca.zip(cb) {
+                for l in 0..LANES {
+                    acc[l] += x[l] * y[l];
+                }
+            }
+            out[r * b.count + c] = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_matches_naive_for_odd_shapes() {
+        // Row counts around each tile width, k with and without a vector tail, n around the
+        // per-task and per-tile row counts.
+        for isa in Isa::all_supported() {
+            for (m, k, n) in [
+                (1, 1, 1),
+                (1, 100, 70),
+                (3, 65, 33),
+                (2, 128, 64),
+                (5, 300, 97),
+                (4, 16, 4),
+                (7, 48, 65),
+                (16, 64, 40),
+                (17, 72, 33),
+                (32, 33, 31),
+                (2, 0, 3),
+            ] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                    .collect();
+                let got = matmul_nt(isa, &x, m, k, &w, n);
+                let want = naive(&x, m, k, &w, n);
+                assert_eq!(got.len(), want.len());
+                for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{isa:?} m={m} k={k} n={n} at {idx}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_rows_reads_only_k_floats_of_strided_rows() {
+        let (k, stride_a, stride_b) = (37, 50, 41);
+        for isa in Isa::all_supported() {
+            for (na, nb) in [(1, 1), (5, 1), (9, 6), (4, 17)] {
+                let a = pseudo(na * stride_a, 3);
+                let b = pseudo(nb * stride_b, 4);
+                let mut got = vec![f32::NAN; na * nb];
+                let rows_a = Rows {
+                    data: &a,
+                    count: na,
+                    stride: stride_a,
+                };
+                let rows_b = Rows {
+                    data: &b,
+                    count: nb,
+                    stride: stride_b,
+                };
+                dot_rows(isa, rows_a, rows_b, k, &mut got);
+                for i in 0..na {
+                    for j in 0..nb {
+                        let want: f64 = (0..k)
+                            .map(|l| a[i * stride_a + l] as f64 * b[j * stride_b + l] as f64)
+                            .sum();
+                        let g = got[i * nb + j];
+                        assert!(
+                            (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{isa:?} {na}x{nb} at ({i},{j}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn pseudo(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 105.0)
+            .collect()
+    }
+}

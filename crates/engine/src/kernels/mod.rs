@@ -1,0 +1,3 @@
+//! Compute kernels kept apart from the model: the model calls them, they know nothing of it.
+
+pub(crate) mod cpu;
