@@ -397,28 +397,47 @@ fn prompt_logprobs_and_max_tokens_zero() {
 
 #[test]
 fn submit_rejects_what_can_never_run() {
-    let e = engine(|c| c.max_model_len = Some(100));
-    let err = e.submit(request(prompt(0, 60), 50)).expect_err("too long");
-    match err {
-        SubmitError::Invalid { message, code, .. } => {
-            assert_eq!(code.as_deref(), Some("context_length_exceeded"));
-            assert_eq!(
-                message,
-                "This model's maximum context length is 100 tokens. However, you requested 110 tokens (60 in the prompt, 50 for the completion). Please reduce the length of the prompt or completion."
-            );
+    let e = engine(|c| {
+        c.max_model_len = Some(100);
+        c.max_num_seqs = 4;
+    });
+    assert_eq!(
+        e.submit(request(prompt(0, 60), 50)).expect_err("too long"),
+        SubmitError::ContextLength {
+            prompt_tokens: 60,
+            max_tokens: 50,
+            max_model_len: 100
         }
-        other => panic!("unexpected {other:?}"),
-    }
-    let bad = e.submit(request(vec![1, 60_000], 1)).expect_err("bad id");
-    assert!(matches!(bad, SubmitError::Invalid { param: Some(ref p), .. } if p == "prompt"));
+    );
+    assert_eq!(
+        e.submit(request(vec![1, 60_000], 1)).expect_err("bad id"),
+        SubmitError::TokenOutOfVocabulary {
+            token: 60_000,
+            vocab_size: 50_432
+        }
+    );
+    let mut forks = request(prompt(2, 5), 5);
+    forks.best_of = 5;
+    assert_eq!(
+        e.submit(forks).expect_err("more sequences than ever run at once"),
+        SubmitError::ChoiceCount {
+            n: 1,
+            best_of: 5,
+            max_sequences: 4
+        }
+    );
     let small = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(3);
     });
-    assert!(matches!(
-        small.submit(request(prompt(1, 10), 5)),
-        Err(SubmitError::Invalid { .. })
-    ));
+    assert_eq!(
+        small.submit(request(prompt(1, 10), 5)).expect_err("cache too small"),
+        SubmitError::KvCacheTooSmall {
+            prompt_tokens: 10,
+            max_tokens: 5,
+            cache_tokens: 12
+        }
+    );
 }
 
 #[test]

@@ -6,8 +6,11 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mpt_engine::SubmitError;
+use mpt_engine::{LogprobsOf, SamplingParam, SubmitError};
 use serde::Serialize;
+
+/// OpenAI's `code` for a prompt + completion longer than the model or the cache allows.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
 
 /// Seconds a client should wait after a 429.
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -152,20 +155,95 @@ impl ApiError {
 }
 
 impl From<SubmitError> for ApiError {
+    /// The engine's refusals in OpenAI's terms: the field at fault, and vLLM's sentence and code
+    /// for the context limit.
     fn from(e: SubmitError) -> Self {
+        let invalid = |param: &str, message: String, code: Option<&str>| Self::Invalid {
+            message,
+            param: Some(param.to_string()),
+            code: code.map(str::to_string),
+        };
         match e {
             SubmitError::QueueFull => Self::QueueFull,
             SubmitError::ShuttingDown => Self::ShuttingDown,
             SubmitError::EngineStopped => Self::EngineStopped,
-            SubmitError::Invalid {
-                message,
-                param,
-                code,
-            } => Self::Invalid {
-                message,
-                param,
-                code,
-            },
+            SubmitError::EmptyPrompt => invalid(
+                "prompt",
+                "the prompt must contain at least one token".into(),
+                None,
+            ),
+            SubmitError::TokenOutOfVocabulary { token, vocab_size } => invalid(
+                "prompt",
+                format!("token id {token} is out of vocabulary (vocab size {vocab_size})"),
+                None,
+            ),
+            SubmitError::ContextLength {
+                prompt_tokens,
+                max_tokens,
+                max_model_len,
+            } => invalid(
+                if max_tokens == 0 {
+                    "prompt"
+                } else {
+                    "max_tokens"
+                },
+                format!(
+                    "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or completion.",
+                    prompt_tokens + max_tokens
+                ),
+                Some(CONTEXT_LENGTH_EXCEEDED),
+            ),
+            SubmitError::KvCacheTooSmall {
+                prompt_tokens,
+                max_tokens,
+                cache_tokens,
+            } => invalid(
+                "max_tokens",
+                format!(
+                    "the request needs {} tokens of KV cache ({prompt_tokens} in the prompt, {max_tokens} for the completion) but the whole cache holds {cache_tokens}",
+                    prompt_tokens + max_tokens
+                ),
+                Some(CONTEXT_LENGTH_EXCEEDED),
+            ),
+            SubmitError::ChoiceCount {
+                n,
+                best_of,
+                max_sequences,
+            } => {
+                if n == 0 {
+                    invalid("n", "n must be at least 1".into(), None)
+                } else if best_of < n {
+                    invalid(
+                        "best_of",
+                        format!("best_of ({best_of}) must be at least n ({n})"),
+                        None,
+                    )
+                } else {
+                    invalid(
+                        if best_of > n { "best_of" } else { "n" },
+                        format!(
+                            "{best_of} sequences were asked for, but this server runs at most {max_sequences} at once (--max-num-seqs)"
+                        ),
+                        None,
+                    )
+                }
+            }
+            SubmitError::TooManyLogprobs { of, max, .. } => {
+                let param = match of {
+                    LogprobsOf::Output => "logprobs",
+                    LogprobsOf::Prompt => "prompt_logprobs",
+                };
+                invalid(param, format!("{param} must be at most {max}"), None)
+            }
+            SubmitError::SamplingOutOfRange { param, value } => {
+                let (name, range) = match param {
+                    SamplingParam::Temperature => ("temperature", "≥ 0"),
+                    SamplingParam::TopP => ("top_p", "in (0, 1]"),
+                    SamplingParam::MinP => ("min_p", "in [0, 1]"),
+                    SamplingParam::RepetitionPenalty => ("repetition_penalty", "> 0"),
+                };
+                invalid(name, format!("{name} must be {range}, got {value}"), None)
+            }
         }
     }
 }
@@ -231,5 +309,77 @@ mod tests {
     fn internal_errors_leak_nothing() {
         let e = ApiError::Internal("tensor shape mismatch at /secret/path".into());
         assert_eq!(e.body().error.message, "internal server error");
+    }
+
+    #[test]
+    fn engine_refusals_get_vllms_wording_and_the_field_at_fault() {
+        let e = ApiError::from(SubmitError::ContextLength {
+            prompt_tokens: 60,
+            max_tokens: 50,
+            max_model_len: 100,
+        });
+        let body = e.body().error;
+        assert_eq!(
+            body.message,
+            "This model's maximum context length is 100 tokens. However, you requested 110 tokens (60 in the prompt, 50 for the completion). Please reduce the length of the prompt or completion."
+        );
+        assert_eq!(body.code.as_deref(), Some(CONTEXT_LENGTH_EXCEEDED));
+        assert_eq!(body.param.as_deref(), Some("max_tokens"));
+        let prompt_only = ApiError::from(SubmitError::ContextLength {
+            prompt_tokens: 120,
+            max_tokens: 0,
+            max_model_len: 100,
+        });
+        assert_eq!(prompt_only.body().error.param.as_deref(), Some("prompt"));
+        let cases = [
+            (SubmitError::EmptyPrompt, "prompt"),
+            (
+                SubmitError::TokenOutOfVocabulary {
+                    token: 9,
+                    vocab_size: 5,
+                },
+                "prompt",
+            ),
+            (
+                SubmitError::ChoiceCount {
+                    n: 2,
+                    best_of: 1,
+                    max_sequences: 8,
+                },
+                "best_of",
+            ),
+            (
+                SubmitError::ChoiceCount {
+                    n: 9,
+                    best_of: 9,
+                    max_sequences: 8,
+                },
+                "n",
+            ),
+            (
+                SubmitError::TooManyLogprobs {
+                    of: LogprobsOf::Prompt,
+                    requested: 30,
+                    max: 20,
+                },
+                "prompt_logprobs",
+            ),
+            (
+                SubmitError::SamplingOutOfRange {
+                    param: SamplingParam::TopP,
+                    value: 0.0,
+                },
+                "top_p",
+            ),
+        ];
+        for (refusal, param) in cases {
+            let e = ApiError::from(refusal.clone());
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{refusal:?}");
+            assert_eq!(e.body().error.param.as_deref(), Some(param), "{refusal:?}");
+        }
+        assert_eq!(
+            ApiError::from(SubmitError::QueueFull).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 }

@@ -9,16 +9,17 @@
 //! accepting while draining so late requests get a 503 instead of a refused connection; `run`
 //! returns `Ok` after a clean drain.
 
+pub mod chat_template;
 pub mod config;
 pub mod error;
-pub mod generate;
+pub mod generation;
 pub mod metrics;
 pub mod openai;
+mod progress;
 pub mod routes;
 pub mod shutdown;
 pub mod sse;
 pub mod state;
-pub mod validation;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,9 +42,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::chat_template::ChatTemplate;
 use crate::config::{ConfigError, LogFormat, ServerConfig};
 use crate::error::ApiError;
-use crate::routes::chat::ChatTemplate;
 use crate::state::{AppState, Loaded, StateConfig};
 
 /// Longest wait for a client to send its request headers.
@@ -151,11 +152,11 @@ pub fn init_logging(format: LogFormat) {
 
 /// Loads the engine (blocking; call on a blocking thread) and prepares what the routes need.
 fn load(config: &ServerConfig) -> Result<Loaded, ServerError> {
-    let engine = EngineHandle::start(config.engine_config())?;
+    let engine = EngineHandle::start_reporting(config.engine_config(), progress::loading_bar())?;
     let info = engine.model_info().clone();
     let chat_template = ChatTemplate::new(info.chat_template.as_deref())
         .map_err(|e| ServerError::ChatTemplate(e.to_string()))?;
-    let im_end_id = engine.tokenizer().token_to_id(routes::chat::IM_END);
+    let im_end_id = engine.tokenizer().token_to_id(chat_template::IM_END);
     tracing::info!(
         max_model_len = info.max_model_len,
         vocab_size = info.vocab_size,

@@ -12,6 +12,8 @@
 use std::time::Duration;
 
 use mpt_engine::{EngineStats, FinishReason, Timings};
+
+use crate::openai::types::finish_reason;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -241,7 +243,7 @@ impl Metrics {
     pub fn request_finished(&self, reason: FinishReason, timings: &Timings) {
         let m = [self.model_name.as_str()];
         self.request_success
-            .with_label_values(&[self.model_name.as_str(), reason.as_str()])
+            .with_label_values(&[self.model_name.as_str(), finish_reason(reason)])
             .inc();
         self.queue_time
             .with_label_values(&m)

@@ -13,9 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mpt_engine::EngineHandle;
 use tokio::sync::Notify;
 
+use crate::chat_template::ChatTemplate;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::routes::chat::ChatTemplate;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

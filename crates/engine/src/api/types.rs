@@ -91,17 +91,6 @@ pub enum FinishReason {
     Abort,
 }
 
-impl FinishReason {
-    /// The OpenAI `finish_reason` string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-            Self::Abort => "abort",
-        }
-    }
-}
-
 /// Log-probability of one token plus the most likely alternatives at that position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
@@ -177,28 +166,99 @@ pub enum Event {
     Failed(String),
 }
 
-/// Why a request was not accepted.
+/// Why a request was not accepted. Plain data with the numbers involved; the server words it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
     /// The bounded submission queue is full; retry later.
-    #[error("the server is at capacity: request queue is full")]
+    #[error("the request queue is full")]
     QueueFull,
     /// The engine is draining for shutdown.
-    #[error("the server is shutting down")]
+    #[error("the engine is shutting down")]
     ShuttingDown,
     /// The engine thread has died.
     #[error("the engine has stopped")]
     EngineStopped,
-    /// The request can never run (too long for the context or the cache, bad token id, ...).
-    #[error("{message}")]
-    Invalid {
-        /// Human readable reason, with the numbers involved.
-        message: String,
-        /// The request field at fault, named as in the OpenAI API (e.g. `max_tokens`, `prompt`).
-        param: Option<String>,
-        /// Machine readable code, e.g. `context_length_exceeded`.
-        code: Option<String>,
+    /// The prompt has no tokens.
+    #[error("the prompt has no tokens")]
+    EmptyPrompt,
+    /// A prompt token id is outside the vocabulary.
+    #[error("token id {token} is out of vocabulary (size {vocab_size})")]
+    TokenOutOfVocabulary {
+        /// The offending id.
+        token: u32,
+        /// Ids must be below this.
+        vocab_size: usize,
     },
+    /// Prompt plus completion are longer than the context.
+    #[error("{prompt_tokens} + {max_tokens} tokens exceed the context of {max_model_len}")]
+    ContextLength {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens asked for the completion.
+        max_tokens: usize,
+        /// The longest prompt + completion accepted.
+        max_model_len: usize,
+    },
+    /// Prompt plus completion need more KV slots than the whole cache has.
+    #[error("{prompt_tokens} + {max_tokens} tokens exceed the KV cache of {cache_tokens}")]
+    KvCacheTooSmall {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens asked for the completion.
+        max_tokens: usize,
+        /// Token slots in the whole KV pool.
+        cache_tokens: usize,
+    },
+    /// `n` is 0, `best_of` is below `n`, or `best_of` sequences could never run at once.
+    #[error("n = {n}, best_of = {best_of} (at most {max_sequences} sequences)")]
+    ChoiceCount {
+        /// Completions asked for.
+        n: usize,
+        /// Sequences asked for.
+        best_of: usize,
+        /// Most sequences the engine runs at once.
+        max_sequences: usize,
+    },
+    /// More top logprobs than the engine reports.
+    #[error("{requested} top logprobs asked for, at most {max}")]
+    TooManyLogprobs {
+        /// Which of the two kinds.
+        of: LogprobsOf,
+        /// Alternatives asked for.
+        requested: usize,
+        /// Most alternatives reported.
+        max: usize,
+    },
+    /// A sampling parameter is outside its range.
+    #[error("{param:?} = {value} is out of range")]
+    SamplingOutOfRange {
+        /// Which parameter.
+        param: SamplingParam,
+        /// The value given.
+        value: f32,
+    },
+}
+
+/// Which logprobs a [`SubmitError::TooManyLogprobs`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsOf {
+    /// Of generated tokens ([`GenerateRequest::logprobs`]).
+    Output,
+    /// Of prompt tokens ([`GenerateRequest::prompt_logprobs`]).
+    Prompt,
+}
+
+/// A field of [`SamplingParams`] with a range, for [`SubmitError::SamplingOutOfRange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplingParam {
+    /// Must be ≥ 0.
+    Temperature,
+    /// Must be in (0, 1].
+    TopP,
+    /// Must be in [0, 1].
+    MinP,
+    /// Must be > 0.
+    RepetitionPenalty,
 }
 
 /// Counters and gauges for metrics, read at any time from any thread.

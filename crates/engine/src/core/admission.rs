@@ -1,7 +1,7 @@
 //! The checks `submit` makes before a request enters the queue: what can never run is refused
-//! at once, on the caller's thread, with the numbers involved.
+//! at once, on the caller's thread, with the numbers involved (the server words them).
 
-use crate::api::types::{GenerateRequest, SubmitError};
+use crate::api::types::{GenerateRequest, LogprobsOf, SamplingParam, SubmitError};
 use crate::decode::sampler::MAX_TOP_LOGPROBS;
 use crate::sched::sequence::blocks_for;
 
@@ -12,106 +12,74 @@ pub(crate) struct Limits {
     pub(crate) vocab_size: usize,
     pub(crate) num_blocks: usize,
     pub(crate) block_size: usize,
+    pub(crate) max_num_seqs: usize,
     pub(crate) max_queue_size: usize,
 }
 
-fn invalid(message: String, param: &str, code: Option<&str>) -> SubmitError {
-    SubmitError::Invalid {
-        message,
-        param: Some(param.to_string()),
-        code: code.map(str::to_string),
-    }
-}
-
-/// Rejects what can never run, with vLLM's wording for the context limit.
+/// Rejects what can never run.
 pub(crate) fn validate(req: &GenerateRequest, limits: &Limits) -> Result<(), SubmitError> {
-    let p = req.prompt_token_ids.len();
-    let m = req.stop.max_tokens;
-    if p == 0 {
-        return Err(invalid(
-            "the prompt must contain at least one token".into(),
-            "prompt",
-            None,
-        ));
+    let prompt_tokens = req.prompt_token_ids.len();
+    let max_tokens = req.stop.max_tokens;
+    if prompt_tokens == 0 {
+        return Err(SubmitError::EmptyPrompt);
     }
-    if let Some(&bad) = req
+    if let Some(&token) = req
         .prompt_token_ids
         .iter()
         .find(|&&t| t as usize >= limits.vocab_size)
     {
-        return Err(invalid(
-            format!(
-                "token id {bad} is out of vocabulary (vocab size {})",
-                limits.vocab_size
-            ),
-            "prompt",
-            None,
-        ));
+        return Err(SubmitError::TokenOutOfVocabulary {
+            token,
+            vocab_size: limits.vocab_size,
+        });
     }
-    if p + m > limits.max_model_len {
-        return Err(invalid(
-            format!(
-                "This model's maximum context length is {} tokens. However, you requested {} tokens ({p} in the prompt, {m} for the completion). Please reduce the length of the prompt or completion.",
-                limits.max_model_len,
-                p + m
-            ),
-            if m == 0 { "prompt" } else { "max_tokens" },
-            Some("context_length_exceeded"),
-        ));
+    if prompt_tokens + max_tokens > limits.max_model_len {
+        return Err(SubmitError::ContextLength {
+            prompt_tokens,
+            max_tokens,
+            max_model_len: limits.max_model_len,
+        });
     }
-    let needed = blocks_for(p + m, limits.block_size);
-    if needed > limits.num_blocks {
-        return Err(invalid(
-            format!(
-                "the request needs {} tokens of KV cache ({p} in the prompt, {m} for the completion) but the whole cache holds {}",
-                p + m,
-                limits.num_blocks * limits.block_size
-            ),
-            "max_tokens",
-            Some("context_length_exceeded"),
-        ));
+    if blocks_for(prompt_tokens + max_tokens, limits.block_size) > limits.num_blocks {
+        return Err(SubmitError::KvCacheTooSmall {
+            prompt_tokens,
+            max_tokens,
+            cache_tokens: limits.num_blocks * limits.block_size,
+        });
     }
-    if req.n == 0 {
-        return Err(invalid("n must be at least 1".into(), "n", None));
+    if req.n == 0 || req.best_of < req.n || req.best_of > limits.max_num_seqs {
+        return Err(SubmitError::ChoiceCount {
+            n: req.n,
+            best_of: req.best_of,
+            max_sequences: limits.max_num_seqs,
+        });
     }
-    if req.best_of < req.n {
-        return Err(invalid(
-            format!("best_of ({}) must be at least n ({})", req.best_of, req.n),
-            "best_of",
-            None,
-        ));
-    }
-    for (value, param) in [
-        (req.logprobs, "logprobs"),
-        (req.prompt_logprobs, "prompt_logprobs"),
+    for (value, of) in [
+        (req.logprobs, LogprobsOf::Output),
+        (req.prompt_logprobs, LogprobsOf::Prompt),
     ] {
-        if value.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-            return Err(invalid(
-                format!("{param} must be at most {MAX_TOP_LOGPROBS}"),
-                param,
-                None,
-            ));
+        if let Some(requested) = value.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(SubmitError::TooManyLogprobs {
+                of,
+                requested,
+                max: MAX_TOP_LOGPROBS,
+            });
         }
     }
     let s = &req.sampling;
-    if !(s.temperature >= 0.0
-        && s.top_p > 0.0
-        && s.top_p <= 1.0
-        && s.min_p >= 0.0
-        && s.min_p <= 1.0)
-    {
-        return Err(invalid(
-            "temperature must be ≥ 0, top_p in (0, 1], min_p in [0, 1]".into(),
-            "temperature",
-            None,
-        ));
+    let out_of_range = |param, value| Err(SubmitError::SamplingOutOfRange { param, value });
+    // Range checks written so that NaN fails every one of them.
+    if !(0.0..).contains(&s.temperature) {
+        return out_of_range(SamplingParam::Temperature, s.temperature);
     }
-    if s.repetition_penalty <= 0.0 {
-        return Err(invalid(
-            "repetition_penalty must be > 0".into(),
-            "repetition_penalty",
-            None,
-        ));
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return out_of_range(SamplingParam::TopP, s.top_p);
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        return out_of_range(SamplingParam::MinP, s.min_p);
+    }
+    if s.repetition_penalty.is_nan() || s.repetition_penalty <= 0.0 {
+        return out_of_range(SamplingParam::RepetitionPenalty, s.repetition_penalty);
     }
     Ok(())
 }

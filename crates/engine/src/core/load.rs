@@ -229,6 +229,7 @@ pub(crate) fn load(
         vocab_size: mcfg.vocab_size,
         num_blocks,
         block_size: config.block_size,
+        max_num_seqs: config.max_num_seqs,
         max_queue_size: config.max_queue_size,
     };
     let tokenizer = Arc::new(tokenizer);

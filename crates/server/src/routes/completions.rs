@@ -16,14 +16,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
-use crate::generate::{Generation, Item, new_id};
-use crate::openai::{
+use crate::generation::{Generation, Item, new_id};
+use crate::openai::types::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo,
+    finish_reason,
 };
+use crate::openai::validation::{ValidatedCompletion, parse_prompt, validate_completion};
 use crate::routes::{ApiJson, context, logged_by_handler};
 use crate::sse;
 use crate::state::{AppState, unix_now};
-use crate::validation::{ValidatedCompletion, parse_prompt, validate_completion};
 
 /// Per-choice accumulated output.
 #[derive(Default)]
@@ -256,7 +257,7 @@ async fn collect(
             index,
             text: c.text,
             logprobs: c.logprobs,
-            finish_reason: Some(c.finish.unwrap_or(FinishReason::Length).as_str()),
+            finish_reason: Some(finish_reason(c.finish.unwrap_or(FinishReason::Length))),
         })
         .collect();
     Ok(axum::Json(job.chunk(
@@ -291,7 +292,7 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
             index,
             text,
             logprobs,
-            finish_reason: finish.map(FinishReason::as_str),
+            finish_reason: finish.map(finish_reason),
         }
     };
     if job.valid.echo && job.valid.logprobs.is_none() {

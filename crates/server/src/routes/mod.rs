@@ -23,8 +23,8 @@ use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::openai::validation::ValidationContext;
 use crate::state::{AppState, Loaded};
-use crate::validation::ValidationContext;
 
 pub use crate::state::MAX_BODY_BYTES;
 

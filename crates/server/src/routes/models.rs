@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::error::ApiError;
-use crate::openai::{ModelCard, ModelList};
+use crate::openai::types::{ModelCard, ModelList};
 use crate::state::AppState;
 
 /// Lists the served model.

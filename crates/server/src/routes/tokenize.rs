@@ -8,10 +8,12 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::error::ApiError;
-use crate::openai::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
+use crate::openai::types::{
+    DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
+};
+use crate::openai::validation::{check_messages, check_model};
 use crate::routes::ApiJson;
 use crate::state::AppState;
-use crate::validation::{check_messages, check_model};
 
 /// Text or chat messages → token ids.
 pub async fn tokenize(

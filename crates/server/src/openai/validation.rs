@@ -10,7 +10,7 @@ use mpt_engine::{GenerateRequest, SamplingParams, StopConditions};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::openai::{ChatCompletionRequest, ChatMessage, CompletionRequest};
+use crate::openai::types::{ChatCompletionRequest, ChatMessage, CompletionRequest};
 
 /// Largest `n`/`best_of` accepted.
 pub const MAX_N: usize = 128;

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use mpt_engine::FinishReason;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -130,6 +131,16 @@ pub struct ChatCompletionRequest {
     pub ignore_eos: Option<bool>,
     /// Minimum generated tokens.
     pub min_tokens: Option<i64>,
+}
+
+/// OpenAI's `finish_reason` for an engine finish reason (also the `finished_reason` label of
+/// vLLM's request metrics).
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
 }
 
 /// `usage`.
