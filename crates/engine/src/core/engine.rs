@@ -158,9 +158,10 @@ impl Engine {
         let key = self.next_request;
         self.next_request += 1;
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
-        let seq = self.sched.add(
+        let seq = self.sched.add_forking(
             request.prompt_token_ids.clone(),
             request.prompt_logprobs.is_some(),
+            request.best_of - 1,
         );
         self.prompt_tokens += request.prompt_token_ids.len() as u64;
         let mut req = Request {
