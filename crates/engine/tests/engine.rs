@@ -475,6 +475,44 @@ fn submit_rejects_what_can_never_run() {
 }
 
 #[test]
+fn no_waiting_room_still_serves_what_can_start_at_once() {
+    let e = engine(|c| {
+        c.max_num_seqs = 2;
+        c.max_queue_size = 0;
+    });
+    let out = collect(
+        e.submit(request(prompt(800, 5), 3))
+            .expect("an idle engine serves"),
+    );
+    assert!(out.completed);
+    wait_until(&e, "idle", |s| s.num_running == 0 && s.num_waiting == 0);
+    let running: Vec<EventStream> = (0..2)
+        .map(|i| {
+            e.submit(request(prompt(801 + i, 5), 500))
+                .expect("a free slot each")
+        })
+        .collect();
+    assert_eq!(
+        e.submit(request(prompt(809, 5), 3))
+            .expect_err("both slots taken"),
+        SubmitError::QueueFull
+    );
+    let mut forks = request(prompt(810, 5), 3);
+    forks.best_of = 2;
+    assert_eq!(
+        e.submit(forks).expect_err("no room for two"),
+        SubmitError::QueueFull
+    );
+    drop(running);
+    // Idle once the engine has taken in all three accepted prompts and dropped the two.
+    wait_until(&e, "idle", |s| {
+        s.prompt_tokens == 15 && s.num_running == 0 && s.num_waiting == 0
+    });
+    let out = collect(e.submit(request(prompt(811, 5), 3)).expect("served again"));
+    assert!(out.completed);
+}
+
+#[test]
 fn queue_full_shutdown_and_abort_all() {
     let e = engine(|c| {
         c.max_num_seqs = 1;

@@ -192,7 +192,7 @@ impl Engine {
             }
         }
         if req.scheduled_at.is_none() {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            self.shared.dequeue(req.req.best_of);
         }
         Some(req)
     }
@@ -230,7 +230,10 @@ impl Engine {
                 && req.scheduled_at.is_none()
             {
                 req.scheduled_at = Some(now);
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                self.shared
+                    .running_slots
+                    .store(self.sched.slots_taken(), Ordering::SeqCst);
+                self.shared.dequeue(req.req.best_of);
             }
         }
         let logits = match self.run_model(&step) {
@@ -293,6 +296,9 @@ impl Engine {
             });
             running += usize::from(any_running);
         }
+        self.shared
+            .running_slots
+            .store(self.sched.slots_taken(), Ordering::SeqCst);
         let alloc = self.sched.allocator();
         let stats = EngineStats {
             num_waiting: self.requests.len() - running,

@@ -141,7 +141,7 @@ impl Scheduler {
     }
 
     /// Sequence slots taken: running sequences plus the forks they will become.
-    fn slots_taken(&self) -> usize {
+    pub fn slots_taken(&self) -> usize {
         self.running
             .iter()
             .map(|id| 1 + self.seqs[id].reserved_forks)

@@ -132,3 +132,14 @@ fn bad_gpu_settings_name_the_flag() {
     let file = parse_file("gpu_memory_utilization = 2\n").expect("a number");
     assert!(ServerConfig::resolve(Cli::default(), file).is_err());
 }
+
+#[test]
+fn help_names_every_env_var_without_a_value() {
+    use clap::CommandFactory;
+    let help = Cli::command().render_help().to_string();
+    assert!(help.contains("[env: MPT_SERVER_NUM_KV_BLOCKS]"), "{help}");
+    assert!(
+        !help.contains("=]"),
+        "an env var shown with an empty value:\n{help}"
+    );
+}
