@@ -105,21 +105,22 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
 pub fn app(state: AppState) -> Router {
     let cors_allow_origin = state.config().cors_allow_origin.clone();
     use routes::*;
-    let v1 = Router::new()
+    // The API proper, behind the API key; probes and metrics stay open.
+    let api = Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models::list_models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
     let router = Router::new()
-        .merge(v1)
+        .merge(api)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

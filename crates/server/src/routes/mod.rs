@@ -2,8 +2,8 @@
 //!
 //! Invariants: request bodies are accepted only as `application/json` (else 415), at most
 //! [`MAX_BODY_BYTES`] (else 413), and must be a JSON object (else 400) — rejections always use
-//! our error shape, never axum's plain text; `/v1/*` requires the API key when one is set, the
-//! probes and `/metrics` never do; each request is counted once in the HTTP metric and logged
+//! our error shape, never axum's plain text; `/v1/*`, `/tokenize` and `/detokenize` require the API
+//! key when one is set, the probes and `/metrics` never do; each request is counted once in the HTTP metric and logged
 //! once (by the generation for completions, by [`track`] otherwise).
 
 pub mod chat;
