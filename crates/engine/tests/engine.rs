@@ -241,6 +241,7 @@ fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
     let tight = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(14);
+        c.max_model_len = Some(56);
     });
     let streams: Vec<EventStream> = reqs
         .iter()
@@ -458,20 +459,27 @@ fn submit_rejects_what_can_never_run() {
             max_sequences: 4
         }
     );
-    let small = engine(|c| {
+}
+
+#[test]
+fn a_pool_that_cannot_hold_one_full_length_sequence_is_refused_at_start() {
+    let err = EngineHandle::start(EngineConfig {
+        block_size: 4,
+        kv_cache: KvCacheSize::Blocks(3),
+        ..Default::default()
+    })
+    .expect_err("12 tokens of KV cache for a 2048-token context");
+    let text = err.to_string();
+    assert!(
+        text.contains("--num-kv-blocks") && text.contains("--max-model-len 2048"),
+        "{text}"
+    );
+    let fits = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(3);
+        c.max_model_len = Some(12);
     });
-    assert_eq!(
-        small
-            .submit(request(prompt(1, 10), 5))
-            .expect_err("cache too small"),
-        SubmitError::KvCacheTooSmall {
-            prompt_tokens: 10,
-            max_tokens: 5,
-            cache_tokens: 12
-        }
-    );
+    assert_eq!(fits.model_info().max_model_len, 12);
 }
 
 #[test]
