@@ -338,6 +338,7 @@ fn fork_shares_prompt_blocks_and_copies_partial_last_block_on_write() {
     assert!(st.copies.iter().all(|&(src, _)| src == table[1]));
     let last_blocks: Vec<u32> = st.batch.seqs.iter().map(|c| c.block_table[1]).collect();
     let mut unique = last_blocks.clone();
+    unique.sort_unstable();
     unique.dedup();
     assert_eq!(
         unique.len(),
