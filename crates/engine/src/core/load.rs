@@ -7,8 +7,8 @@ use candle_core::{DType, Device};
 
 use super::admission::Limits;
 use crate::api::config::{
-    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, LoadFormat,
-    ModelSource,
+    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, FaultPlan,
+    LoadFormat, ModelSource,
 };
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{LoadProgress, ModelInfo};
@@ -33,6 +33,7 @@ pub(crate) struct Loaded {
     pub(crate) sched: Scheduler,
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) eos: u32,
+    pub(crate) faults: FaultPlan,
 }
 
 fn resolve_device(spec: DeviceSpec) -> Result<Device> {
@@ -249,6 +250,7 @@ pub(crate) fn load(
         sched,
         tokenizer: Arc::clone(&tokenizer),
         eos,
+        faults: config.faults,
     };
     Ok((
         loaded,
