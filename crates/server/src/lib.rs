@@ -40,7 +40,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{ConfigError, LogFormat, ServerConfig};
@@ -126,9 +125,6 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(RequestBodyTimeoutLayer::new(
-            state.config().timeouts.body_read,
-        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state);
