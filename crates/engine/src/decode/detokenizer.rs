@@ -90,7 +90,7 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::tests::demo_tokenizer;
+    use crate::tokenizer::tests::{TEXTS, demo_tokenizer};
 
     fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
         let mut dec = IncrementalDecoder::new(tok.clone());
@@ -98,14 +98,6 @@ mod tests {
         out.push(dec.finish().expect("finish"));
         out
     }
-
-    const TEXTS: &[&str] = &[
-        "Hello, world! This is a test.",
-        "emoji: 🦀🚀 and 👩‍👩‍👧 family",
-        "中文测试：你好，世界。日本語もテスト。",
-        "  leading spaces,\tand    runs   of spaces\n\nnewlines ",
-        "mixed é ü ß 🤖 漢字 end",
-    ];
 
     #[test]
     fn incremental_matches_full_decode_and_never_breaks_utf8() {
