@@ -15,10 +15,13 @@ use std::time::Instant;
 
 use super::config::{AttentionKernels, DeviceSpec, EngineConfig};
 use super::error::{EngineError, Result};
-use super::types::{EngineStats, Event, GenerateRequest, LoadProgress, ModelInfo, SubmitError};
+use super::types::{
+    Constraint, EngineStats, Event, GenerateRequest, LoadProgress, ModelInfo, SubmitError,
+};
 use crate::core::admission::{Limits, validate};
 use crate::core::channel::{Command, Shared, Submission};
 use crate::core::engine;
+use crate::decode::grammar::GrammarCompiler;
 use crate::tokenizer::Tokenizer;
 
 /// Events of one request, in order; dropping it cancels the request.
@@ -31,6 +34,7 @@ struct Inner {
     tokenizer: Arc<Tokenizer>,
     model_info: ModelInfo,
     limits: Limits,
+    grammars: GrammarCompiler,
 }
 
 impl Drop for Inner {
@@ -117,6 +121,7 @@ impl EngineHandle {
                     tokenizer: ready.tokenizer,
                     model_info: ready.model_info,
                     limits: ready.limits,
+                    grammars: ready.grammars,
                 }),
             }),
             Ok(Err(e)) => {
@@ -130,8 +135,21 @@ impl EngineHandle {
         }
     }
 
-    /// Validates the request, then a bounded `try_send` into the engine; dropping the returned
-    /// stream cancels the request.
+    /// Compiles `constraint` into the grammar cache (or finds it there): blocking, up to
+    /// llguidance's limits, so async callers run it on a blocking thread before [`submit`],
+    /// which then finds it cached. The error says why the grammar is refused.
+    ///
+    /// [`submit`]: EngineHandle::submit
+    pub fn compile_constraint(&self, constraint: &Constraint) -> Result<(), SubmitError> {
+        self.inner
+            .grammars
+            .compile(constraint)
+            .map(drop)
+            .map_err(SubmitError::InvalidConstraint)
+    }
+
+    /// Validates the request (compiling its constraint if it is not cached), then a bounded
+    /// `try_send` into the engine; dropping the returned stream cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<EventStream, SubmitError> {
         let inner = &self.inner;
         if inner.shared.shutting_down.load(Ordering::SeqCst) {
@@ -141,6 +159,15 @@ impl EngineHandle {
             return Err(SubmitError::EngineStopped);
         }
         validate(&request, &inner.limits)?;
+        let grammar = match &request.constraint {
+            Some(c) => Some(
+                inner
+                    .grammars
+                    .compile(c)
+                    .map_err(SubmitError::InvalidConstraint)?,
+            ),
+            None => None,
+        };
         let pending = &inner.shared.pending;
         if pending.fetch_add(1, Ordering::SeqCst) >= inner.limits.max_queue_size {
             pending.fetch_sub(1, Ordering::SeqCst);
@@ -149,6 +176,7 @@ impl EngineHandle {
         let (events, stream) = tokio::sync::mpsc::unbounded_channel();
         let submission = Submission {
             request,
+            grammar,
             events,
             submitted: Instant::now(),
         };

@@ -152,6 +152,7 @@ impl Engine {
         let Command::Submit(sub) = cmd else { return };
         let Submission {
             request,
+            grammar,
             events,
             submitted,
         } = *sub;
@@ -166,6 +167,7 @@ impl Engine {
         let mut req = Request {
             prompt_logprobs: vec![None; request.prompt_token_ids.len()],
             req: request,
+            grammar,
             events,
             submitted,
             scheduled_at: None,
@@ -232,7 +234,7 @@ impl Engine {
                 self.shared.pending.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let logits = match self.run_model(&step) {
+        let logits = match self.forward_and_prepare_masks(&step) {
             Ok(logits) => logits,
             Err(message) => {
                 let keys: Vec<u64> = step
@@ -259,8 +261,11 @@ impl Engine {
     }
 
     /// Applies the step's block copies and runs the forward pass, catching panics.
-    fn run_model(&mut self, step: &ScheduledStep) -> Result<Vec<f32>, String> {
-        let (model, cache) = (&self.model, &mut self.cache);
+    pub(super) fn run_model(
+        model: &Mpt,
+        cache: &mut KvCache,
+        step: &ScheduledStep,
+    ) -> Result<Vec<f32>, String> {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>> {
             for &(src, dst) in &step.copies {
                 cache.copy_block(src, dst)?;

@@ -413,6 +413,7 @@ pub fn validate_completion(
             best_of,
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
+            constraint: None,
         });
         prompt_texts.push(text);
     }
@@ -545,6 +546,7 @@ pub fn validate_chat(
             best_of: n,
             logprobs,
             prompt_logprobs: None,
+            constraint: None,
         },
         n,
         logprobs,
