@@ -251,6 +251,7 @@ fn new_state(config: &ServerConfig) -> AppState {
         api_key: config.api_key.clone(),
         max_inflight: config.max_num_seqs.saturating_add(config.max_queue_size),
         cors_allow_origin: config.cors_allow_origin.clone(),
+        allow_unknown_fields: config.allow_unknown_fields,
     })
 }
 

@@ -31,6 +31,8 @@ pub struct StateConfig {
     pub max_inflight: usize,
     /// CORS origins (`*` for any); empty disables CORS.
     pub cors_allow_origin: Vec<String>,
+    /// Log and ignore unrecognized request fields instead of answering 400.
+    pub allow_unknown_fields: bool,
 }
 
 /// What exists only after the model loaded.

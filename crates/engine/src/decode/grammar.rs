@@ -48,6 +48,11 @@ pub fn with_json_layout(schema: &Value) -> Value {
     schema
 }
 
+/// `regex` as a Lark regex literal (`/.../`, slashes escaped), to embed in a larger grammar.
+pub fn lark_regex(regex: &str) -> String {
+    format!("/{}/", llguidance::regex_to_lark(regex, ""))
+}
+
 /// The token environment: our tokenizer's bytes in a trie, EOS the model's.
 struct TokenEnv {
     trie: TokTrie,

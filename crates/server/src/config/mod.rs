@@ -101,6 +101,8 @@ pub struct FileConfig {
     pub cors_allow_origin: Option<Vec<String>>,
     /// See `--log-format`.
     pub log_format: Option<String>,
+    /// See `--allow-unknown-fields`.
+    pub allow_unknown_fields: Option<bool>,
 }
 
 /// A size in the TOML file: a string with a unit or a plain number of bytes.
@@ -165,6 +167,8 @@ pub struct ServerConfig {
     pub cors_allow_origin: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log and ignore unknown request fields instead of refusing them.
+    pub allow_unknown_fields: bool,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -190,6 +194,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("cors_allow_origin", &self.cors_allow_origin)
             .field("log_format", &self.log_format)
+            .field("allow_unknown_fields", &self.allow_unknown_fields)
             .finish()
     }
 }
@@ -462,6 +467,10 @@ impl ServerConfig {
             ),
             cors_allow_origin,
             log_format,
+            allow_unknown_fields: cli
+                .allow_unknown_fields
+                .or(file.allow_unknown_fields)
+                .unwrap_or(false),
         })
     }
 

@@ -132,3 +132,27 @@ fn bad_gpu_settings_name_the_flag() {
     let file = parse_file("gpu_memory_utilization = 2\n").expect("a number");
     assert!(ServerConfig::resolve(Cli::default(), file).is_err());
 }
+
+#[test]
+fn allow_unknown_fields_from_flag_env_style_value_or_file() {
+    assert!(!ServerConfig::default().allow_unknown_fields);
+    let cli = Cli::try_parse_from(["x", "--allow-unknown-fields"]).expect("bare flag");
+    assert!(
+        ServerConfig::resolve(cli, FileConfig::default())
+            .expect("valid")
+            .allow_unknown_fields
+    );
+    let file = parse_file("allow_unknown_fields = true\n").expect("valid");
+    let cli = Cli::try_parse_from(["x", "--allow-unknown-fields", "false"]).expect("valid");
+    assert!(
+        !ServerConfig::resolve(cli, file.clone())
+            .expect("valid")
+            .allow_unknown_fields,
+        "the command line wins"
+    );
+    assert!(
+        ServerConfig::resolve(Cli::default(), file)
+            .expect("valid")
+            .allow_unknown_fields
+    );
+}

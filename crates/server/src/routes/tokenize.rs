@@ -26,9 +26,11 @@ pub async fn tokenize(
         (Some(prompt), None) => prompt.clone(),
         (None, Some(_)) => {
             let messages = check_messages(req.messages.as_ref())?;
-            loaded
-                .chat_template
-                .render(messages, req.add_generation_prompt.unwrap_or(true))?
+            loaded.chat_template.render(
+                messages,
+                req.add_generation_prompt.unwrap_or(true),
+                None,
+            )?
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
