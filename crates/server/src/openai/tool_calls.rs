@@ -4,8 +4,8 @@
 //!
 //! Invariants: the concatenation of a call's argument pieces is its arguments text exactly as
 //! generated; text that may still turn out to open a call is held back until it does not; text
-//! outside calls is content; a call cut short (`max_tokens`) keeps what it has, a call whose
-//! name never arrived is returned as content.
+//! outside calls is content; a call cut short (`max_tokens`) keeps what it has, and one cut
+//! before its name arrived is dropped (it has no OpenAI shape, and it is not answer text).
 
 use mpt_engine::FinishReason;
 use rand::Rng;
@@ -171,7 +171,6 @@ impl ToolCallParser {
         let rest = std::mem::take(&mut self.buf);
         match self.state {
             State::Text | State::Between if !rest.is_empty() => vec![Piece::Content(rest)],
-            State::Header => vec![Piece::Content(format!("{}{rest}", CALL_OPEN))],
             _ => Vec::new(),
         }
     }
@@ -472,11 +471,8 @@ mod tests {
         assert_eq!(content, "");
         assert_eq!(calls[0].arguments, "{\"a\":");
         assert!(!calls[0].complete && !arguments_complete(&calls[0].arguments));
-        let (content, calls, _) = run(&["<tool_call>\n{\"na"]);
+        let (content, calls, _) = run(&["Hi", "<tool_call>\n{\"na"]);
         assert!(calls.is_empty());
-        assert_eq!(
-            content, "<tool_call>\n{\"na",
-            "no name yet: returned as text"
-        );
+        assert_eq!(content, "Hi", "a call without its name yet is dropped");
     }
 }
