@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::openai::messages::message_text;
 use crate::openai::tools::{CALL_CLOSE, CALL_OPEN, CALL_SEPARATOR, ToolPlan};
 use crate::openai::types::ChatMessage;
-use crate::openai::validation::message_text;
 
 const TEMPLATE_NAME: &str = "chat";
 /// The end-of-turn marker of ChatML.

@@ -467,10 +467,9 @@ impl ServerConfig {
             ),
             cors_allow_origin,
             log_format,
-            allow_unknown_fields: cli
-                .allow_unknown_fields
-                .or(file.allow_unknown_fields)
-                .unwrap_or(false),
+            // A bare flag can only turn it on: on when any layer says true.
+            allow_unknown_fields: cli.allow_unknown_fields
+                || file.allow_unknown_fields.unwrap_or(false),
         })
     }
 

@@ -17,13 +17,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::generation::{Generation, Item, new_id};
+use crate::openai::messages::check_messages;
 use crate::openai::tool_calls::ChoiceOutput;
 use crate::openai::tools::tool_plan;
 use crate::openai::types::{
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatFullMessage, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, UsageInfo,
 };
-use crate::openai::validation::{ValidatedChat, check_messages, check_model, validate_chat};
+use crate::openai::validation::{ValidatedChat, check_model, validate_chat};
 use crate::routes::{
     ApiJson, compile_constraint, context as validation_context, logged_by_handler,
 };

@@ -8,10 +8,11 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::error::ApiError;
+use crate::openai::messages::check_messages;
 use crate::openai::types::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
 };
-use crate::openai::validation::{check_messages, check_model};
+use crate::openai::validation::check_model;
 use crate::routes::ApiJson;
 use crate::state::AppState;
 
