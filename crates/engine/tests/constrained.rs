@@ -193,3 +193,28 @@ fn bad_grammar_is_refused_at_submit() {
         Err(SubmitError::InvalidConstraint(_))
     ));
 }
+
+#[test]
+fn stop_strings_cut_and_cancelling_frees_the_sequence() {
+    let e = engine(|_| {});
+    let words = Constraint::Regex("[a-z]+( [a-z]+)*".into());
+    let mut r = constrained(prompt(6, 8), 60, words.clone());
+    r.stop.stop_strings = vec![" the".into()];
+    let out = collect(e.submit(r).expect("ok"));
+    assert!(!out[0].0.contains(" the"), "{out:?}");
+    // A long constrained request dropped mid-way frees its blocks (and its grammar state).
+    let stream = e.submit(constrained(prompt(7, 8), 400, words)).expect("ok");
+    let start = Instant::now();
+    while e.stats().kv_blocks_used == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never scheduled");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(stream);
+    while e.stats().kv_blocks_used > 0 || e.stats().num_running > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "blocks not freed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
