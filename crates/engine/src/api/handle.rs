@@ -1,7 +1,8 @@
 //! The server's view of the engine: start it, submit requests, read stats, shut it down.
 //!
-//! Invariants: `submit` never blocks — it validates the request, then `try_send`s it into a
-//! bounded channel; at most `max_queue_size` requests are accepted but not yet scheduled
+//! Invariants: `submit` never waits for the engine — it validates the request (compiling its
+//! constraint when it is not cached yet: bounded work on the caller's thread), then `try_send`s
+//! it into a bounded channel; at most `max_queue_size` requests are accepted but not yet scheduled
 //! (`QueueFull` beyond that). After `begin_shutdown` every submit is `ShuttingDown`. Each request
 //! gets its own unbounded event channel, so the engine thread never waits on a slow client;
 //! dropping the receiver cancels the request. The engine thread is joined when the last clone
