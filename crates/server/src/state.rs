@@ -34,6 +34,8 @@ pub struct StateConfig {
     pub cors_allow_origin: Vec<String>,
     /// Client timeouts and the keep-alive interval of streams.
     pub timeouts: Timeouts,
+    /// Log and ignore unrecognized request fields instead of answering 400.
+    pub allow_unknown_fields: bool,
 }
 
 /// What exists only after the model loaded.

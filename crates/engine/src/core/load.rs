@@ -12,6 +12,7 @@ use crate::api::config::{
 };
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{LoadProgress, ModelInfo};
+use crate::decode::grammar::GrammarCompiler;
 use crate::kv::KvCache;
 use crate::kv::budget::{PoolNeeds, fixed_kv_cache_blocks, gib};
 use crate::model::Mpt;
@@ -24,6 +25,8 @@ pub(crate) struct Ready {
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) model_info: ModelInfo,
     pub(crate) limits: Limits,
+    /// Structured outputs over the model's padded vocabulary.
+    pub(crate) grammars: GrammarCompiler,
 }
 
 /// Everything the engine thread owns, freshly loaded.
@@ -243,6 +246,7 @@ pub(crate) fn load(
         max_num_seqs: config.max_num_seqs,
         max_queue_size: config.max_queue_size,
     };
+    let grammars = GrammarCompiler::new(tokenizer.clone(), mcfg.vocab_size, eos);
     let tokenizer = Arc::new(tokenizer);
     let loaded = Loaded {
         model,
@@ -258,6 +262,7 @@ pub(crate) fn load(
             tokenizer,
             model_info,
             limits,
+            grammars,
         },
     ))
 }

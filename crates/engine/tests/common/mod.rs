@@ -17,5 +17,6 @@ pub fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         best_of: 1,
         logprobs: None,
         prompt_logprobs: None,
+        constraint: None,
     }
 }

@@ -159,6 +159,14 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub cors_allow_origin: Vec<String>,
+    /// Log and ignore request fields the API does not know, instead of answering 400 "Unrecognized request argument supplied" (for clients that send harmless extras); also on when the environment variable or the TOML key is true.
+    #[arg(
+        long,
+        env = "MPT_SERVER_ALLOW_UNKNOWN_FIELDS",
+        action = clap::ArgAction::SetTrue,
+        hide_env_values = true
+    )]
+    pub allow_unknown_fields: bool,
     /// Log format: text or json [default: text].
     #[arg(long, env = "MPT_SERVER_LOG_FORMAT", hide_env_values = true)]
     pub log_format: Option<String>,

@@ -102,6 +102,8 @@ pub struct FileConfig {
     pub cors_allow_origin: Option<Vec<String>>,
     /// See `--log-format`.
     pub log_format: Option<String>,
+    /// See `--allow-unknown-fields`.
+    pub allow_unknown_fields: Option<bool>,
 }
 
 /// A size in the TOML file: a string with a unit or a plain number of bytes.
@@ -166,6 +168,8 @@ pub struct ServerConfig {
     pub cors_allow_origin: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log and ignore unknown request fields instead of refusing them.
+    pub allow_unknown_fields: bool,
     /// Connection and stream timings (no flags: defaults suit serving; embedders and tests set
     /// them).
     pub timeouts: Timeouts,
@@ -221,6 +225,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("log_format", &self.log_format)
             .field("timeouts", &self.timeouts)
             .field("faults", &self.faults)
+            .field("allow_unknown_fields", &self.allow_unknown_fields)
             .finish()
     }
 }
@@ -495,6 +500,9 @@ impl ServerConfig {
             log_format,
             timeouts: Timeouts::default(),
             faults: FaultPlan::default(),
+            // A bare flag can only turn it on: on when any layer says true.
+            allow_unknown_fields: cli.allow_unknown_fields
+                || file.allow_unknown_fields.unwrap_or(false),
         })
     }
 

@@ -143,3 +143,21 @@ fn help_names_every_env_var_without_a_value() {
         "an env var shown with an empty value:\n{help}"
     );
 }
+
+#[test]
+fn allow_unknown_fields_from_the_flag_or_the_file() {
+    assert!(!ServerConfig::default().allow_unknown_fields);
+    let cli = Cli::try_parse_from(["x", "--allow-unknown-fields"]).expect("bare flag");
+    assert!(
+        ServerConfig::resolve(cli, FileConfig::default())
+            .expect("valid")
+            .allow_unknown_fields
+    );
+    let file = parse_file("allow_unknown_fields = true\n").expect("valid");
+    assert!(Cli::try_parse_from(["x", "--allow-unknown-fields", "false"]).is_err());
+    assert!(
+        ServerConfig::resolve(Cli::default(), file)
+            .expect("valid")
+            .allow_unknown_fields
+    );
+}
