@@ -21,7 +21,8 @@ pub mod sched;
 pub mod tokenizer;
 
 pub use api::config::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheDtype, KvCacheSize, LoadFormat,
+    ModelSource,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

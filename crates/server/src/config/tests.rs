@@ -132,3 +132,23 @@ fn bad_gpu_settings_name_the_flag() {
     let file = parse_file("gpu_memory_utilization = 2\n").expect("a number");
     assert!(ServerConfig::resolve(Cli::default(), file).is_err());
 }
+
+#[test]
+fn kv_cache_dtype_comes_from_flag_env_name_or_file_and_bad_names_list_the_valid_ones() {
+    let c = ServerConfig::default();
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Auto);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "BF16"]).expect("parses");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Bf16);
+    let file = parse_file("kv_cache_dtype = \"f32\"\n").expect("valid");
+    let c = ServerConfig::resolve(Cli::default(), file).expect("valid");
+    assert_eq!(c.kv_cache_dtype, KvCacheDtype::F32);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "fp8"]).expect("parses");
+    let err = ServerConfig::resolve(cli, FileConfig::default()).expect_err("unknown");
+    let text = err.to_string();
+    assert!(
+        text.contains("--kv-cache-dtype") && text.contains("\"fp8\""),
+        "{text}"
+    );
+    assert!(text.contains("auto, f32, f16, bf16"), "{text}");
+}
