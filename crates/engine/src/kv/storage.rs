@@ -272,13 +272,13 @@ impl KvCache {
         Self::bytes_per_block_dtype(config, block_size, DType::F32)
     }
 
-    /// Bytes one block takes over all layers (K and V) with elements of `dtype` (tensor pools).
+    /// Bytes one block takes over all layers (K and V) with elements of `dtype`.
     pub fn bytes_per_block_dtype(config: &MptConfig, block_size: usize, dtype: DType) -> u64 {
         let elements = 2 * config.n_layers * block_size * config.d_model;
         (elements * dtype.size_in_bytes()) as u64
     }
 
-    /// How many blocks of `dtype` elements fit in `bytes` (tensor pools).
+    /// How many blocks of `dtype` elements fit in `bytes`.
     pub fn blocks_for_bytes_dtype(
         config: &MptConfig,
         block_size: usize,
@@ -339,5 +339,65 @@ impl KvCache {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MptConfig {
+        MptConfig::from_json(crate::model::demo::CONFIG_JSON).expect("demo config")
+    }
+
+    #[test]
+    fn sixteen_bit_pools_take_half_the_bytes_and_hold_twice_the_blocks() {
+        let cfg = config();
+        let f32_block = KvCache::bytes_per_block_dtype(&cfg, 16, DType::F32);
+        assert_eq!(f32_block, (2 * cfg.n_layers * 16 * cfg.d_model * 4) as u64);
+        for dtype in [DType::F16, DType::BF16] {
+            assert_eq!(
+                KvCache::bytes_per_block_dtype(&cfg, 16, dtype) * 2,
+                f32_block
+            );
+            let blocks = KvCache::blocks_for_bytes_dtype(&cfg, 16, dtype, 100 * f32_block);
+            assert_eq!(blocks, 200);
+            let cache = KvCache::with_dtype(&cfg, 3, 16, &Device::Cpu, dtype).expect("allocates");
+            assert_eq!(cache.dtype(), dtype);
+        }
+        let err = KvCache::with_dtype(&cfg, 3, 16, &Device::Cpu, DType::U8).expect_err("u8");
+        assert!(err.to_string().contains("kv_cache_dtype"), "{err}");
+    }
+
+    #[test]
+    fn writes_round_to_the_element_type_and_copies_move_whole_blocks() {
+        let cfg = config();
+        let mut cache = KvCache::with_dtype(&cfg, 4, 4, &Device::Cpu, DType::F16).expect("cache");
+        let geom = cache.geometry();
+        let hd = geom.head_dim;
+        let k: Vec<f32> = (0..hd).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let v: Vec<f32> = (0..hd).map(|i| -(i as f32) * 1e5).collect();
+        let KvStorage::Cpu(layers) = &mut cache.storage else {
+            panic!("host pools on the CPU")
+        };
+        layers[0].write(&geom, (1, 0, 2), &k, &v);
+        cache.copy_block(1, 3).expect("in range");
+        let KvStorage::Cpu(layers) = &cache.storage else {
+            panic!("host pools on the CPU")
+        };
+        let LayerKv::F16(p) = &layers[0] else {
+            panic!("an f16 pool")
+        };
+        for block in [1, 3] {
+            let base = geom.head_base(block, 0);
+            for d in 0..hd {
+                // Keys are stored transposed: channel d of slot 2 at d · block_size + 2.
+                assert_eq!(p.k[base + d * 4 + 2].to_f32(), f16::from_f32(k[d]).to_f32());
+                // Values beyond f16's range saturate instead of becoming infinite.
+                let want = f16::from_f32(v[d].max(-65504.0)).to_f32();
+                assert_eq!(p.v[geom.offset(block, 0, 2) + d].to_f32(), want);
+            }
+        }
+        assert!(cache.copy_block(0, 4).is_err());
     }
 }

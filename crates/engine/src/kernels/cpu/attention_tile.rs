@@ -14,8 +14,9 @@
 //!
 //! The definition every path computes, per (query at position `p`, head): keys `0..=p` are cut
 //! into segments of [`segment_len`] keys at absolute positions (multiples of it), each segment
-//! into tiles (at most `WIDTH` keys, never crossing a block, at absolute positions); a segment's
-//! state starts empty and takes its tiles in order; the scores are
+//! into tiles at absolute positions (`Vector::KEY_VECTORS` vectors of at most `WIDTH` keys, a
+//! vector never crossing a block); a segment's state starts empty and takes its tiles in order,
+//! one softmax update (max, rescale, exps) per tile; the scores are
 //! `(scale·q)·k_j + slope·(j − p)` with the dot product summed over channels in order; segment
 //! states are merged left to right. Everything a query does depends only on its position, its
 //! sequence's keys, the block size and the instruction set — never on which other queries share
@@ -41,6 +42,9 @@ pub(crate) const MAX_TILE_QUERIES: usize = 8;
 /// stay in L2 while every query tile of a task passes over them; it is also the unit over which
 /// one decode token's keys are split across threads.
 const SEGMENT_KEYS: usize = 512;
+
+/// Most key vectors in one tile (see [`Vector::KEY_VECTORS`]).
+const MAX_KEY_VECTORS: usize = 2;
 
 /// Output rows are padded to a multiple of this many floats, so vector stores never need a tail.
 pub(crate) const ROW_ALIGN: usize = 16;
@@ -278,44 +282,127 @@ unsafe fn pass<V: Vector, T: KvElem, const RQ: usize>(
         let mut l = [zero; RQ];
         let mut j0 = keys.start;
         while j0 < end {
-            let in_block = j0 % bs;
-            let lanes = w.min(bs - in_block);
-            let base = pools.block_table[j0 / bs] as usize * pools.block_stride + pools.head_offset;
-            let (kt, vr) = (pools.k.as_ptr().add(base), pools.v.as_ptr().add(base));
+            // The tile: up to KEY_VECTORS vectors of keys, each inside one block, consecutive.
+            // A vector past `end` repeats the first one's data, fully masked (it adds exact
+            // zeros), so every query sees the same tiles whatever its neighbours.
+            let mut kt = [pools.k.as_ptr(); MAX_KEY_VECTORS];
+            let mut vr = [pools.v.as_ptr(); MAX_KEY_VECTORS];
+            let mut at = [0usize; MAX_KEY_VECTORS]; // first key's slot in its block
+            let mut lanes = [0usize; MAX_KEY_VECTORS];
+            let mut first = [0usize; MAX_KEY_VECTORS]; // absolute position of the first key
+            let mut j = j0;
+            for v in 0..V::KEY_VECTORS {
+                if j < end {
+                    at[v] = j % bs;
+                    lanes[v] = w.min(bs - at[v]);
+                    first[v] = j;
+                    let block = pools.block_table[j / bs] as usize;
+                    let base = block * pools.block_stride + pools.head_offset;
+                    (kt[v], vr[v]) = (pools.k.as_ptr().add(base), pools.v.as_ptr().add(base));
+                    j += lanes[v];
+                } else {
+                    (kt[v], vr[v], at[v], lanes[v]) = (kt[0], vr[0], at[0], 0);
+                    first[v] = usize::MAX;
+                }
+            }
 
-            // S = Q·Kᵀ: one vector of `lanes` keys per query, channels in order.
-            let mut s = [zero; RQ];
-            for d in 0..hd {
-                let kv = load_lanes::<V, T>(kt.add(d * bs + in_block), lanes);
-                for (r, sr) in s.iter_mut().enumerate() {
-                    *sr = V::fmadd(V::splat(*qp.add(r * hd + d)), kv, *sr);
+            // S = Q·Kᵀ: one vector of keys per query and key vector, channels in order.
+            let mut s = [[zero; MAX_KEY_VECTORS]; RQ];
+            let mut width = [lanes[0]; MAX_KEY_VECTORS];
+            let mut kp = [pools.k.as_ptr(); MAX_KEY_VECTORS];
+            for v in 0..V::KEY_VECTORS {
+                if lanes[v] > 0 {
+                    width[v] = lanes[v];
+                }
+                kp[v] = kt[v].add(at[v]);
+            }
+            if width[..V::KEY_VECTORS].iter().all(|&n| n == w) {
+                for d in 0..hd {
+                    let mut kv = [zero; MAX_KEY_VECTORS];
+                    for v in 0..V::KEY_VECTORS {
+                        kv[v] = T::load(kp[v].add(d * bs));
+                    }
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let qv = V::splat(*qp.add(r * hd + d));
+                        for v in 0..V::KEY_VECTORS {
+                            sr[v] = V::fmadd(qv, kv[v], sr[v]);
+                        }
+                    }
+                }
+            } else {
+                for d in 0..hd {
+                    let mut kv = [zero; MAX_KEY_VECTORS];
+                    for v in 0..V::KEY_VECTORS {
+                        kv[v] = load_lanes::<V, T>(kp[v].add(d * bs), width[v]);
+                    }
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let qv = V::splat(*qp.add(r * hd + d));
+                        for v in 0..V::KEY_VECTORS {
+                            sr[v] = V::fmadd(qv, kv[v], sr[v]);
+                        }
+                    }
                 }
             }
 
             // ALiBi bias and causal mask from positions, then the online softmax.
-            let jv = V::add(V::iota(), V::splat(j0 as f32));
-            let tile_last = (j0 + lanes - 1) as f32;
-            let mut probs = [[0f32; 16]; RQ];
-            let mut corr = [1f32; RQ];
+            let mut jv = [zero; MAX_KEY_VECTORS];
+            let mut last = [-1f32; MAX_KEY_VECTORS]; // last key of each vector (−1: none)
+            for v in 0..V::KEY_VECTORS {
+                if lanes[v] > 0 {
+                    jv[v] = V::add(V::iota(), V::splat(first[v] as f32));
+                    last[v] = (first[v] + lanes[v] - 1) as f32;
+                }
+            }
+            let mut probs = [[0f32; 16 * MAX_KEY_VECTORS]; RQ];
+            let mut masked = [[zero; MAX_KEY_VECTORS]; RQ];
+            let mut limits = [[zero; MAX_KEY_VECTORS]; RQ];
+            // Per query `m_old − m_new`, for one vector `exp` of all the rescale factors (the
+            // same bits as a scalar `exp` per query); 0 (factor 1) where nothing is visible yet.
+            let mut shift = [0f32; 16];
             for r in 0..RQ {
                 let pos = (first_pos + r) as f32;
-                let limit = V::splat(pos.min(tile_last));
-                let biased = V::fmadd(V::splat(pools.slope), V::sub(jv, V::splat(pos)), s[r]);
-                let masked = V::select_le(jv, limit, biased, V::splat(f32::NEG_INFINITY));
-                let m_new = m[r].max(masked.reduce_max());
-                if m_new == f32::NEG_INFINITY {
+                let mut top = V::splat(f32::NEG_INFINITY);
+                for v in 0..V::KEY_VECTORS {
+                    limits[r][v] = V::splat(pos.min(last[v]));
+                    let rel = V::sub(jv[v], V::splat(pos));
+                    let biased = V::fmadd(V::splat(pools.slope), rel, s[r][v]);
+                    let minus_inf = V::splat(f32::NEG_INFINITY);
+                    masked[r][v] = V::select_le(jv[v], limits[r][v], biased, minus_inf);
+                    top = V::max(top, masked[r][v]);
+                }
+                let m_new = m[r].max(top.reduce_max());
+                if m_new != f32::NEG_INFINITY {
+                    shift[r] = m[r] - m_new;
+                    m[r] = m_new;
+                }
+            }
+            let mut corr = [1f32; 16];
+            for c in (0..RQ).step_by(w) {
+                V::exp(V::load(shift.as_ptr().add(c))).store(corr.as_mut_ptr().add(c));
+            }
+            for r in 0..RQ {
+                if m[r] == f32::NEG_INFINITY {
                     continue; // no key of this tile (or before it) is visible yet
                 }
-                corr[r] = fast_math::exp(m[r] - m_new);
-                m[r] = m_new;
-                let e = V::exp(V::sub(masked, V::splat(m_new)));
-                let p = V::select_le(jv, limit, e, zero);
-                l[r] = V::add(V::mul(l[r], V::splat(corr[r])), p);
-                p.store(probs[r].as_mut_ptr());
+                let mut lr = V::mul(l[r], V::splat(corr[r]));
+                let mut off = 0;
+                for v in 0..V::KEY_VECTORS {
+                    let e = V::exp(V::sub(masked[r][v], V::splat(m[r])));
+                    let p = V::select_le(jv[v], limits[r][v], e, zero);
+                    lr = V::add(lr, p);
+                    p.store(probs[r].as_mut_ptr().add(off));
+                    off += lanes[v];
+                }
+                l[r] = lr;
             }
 
             // O = O·corr + P·V over the keys any query of the tile sees, channels `w` at a time.
-            let n_keys = lanes.min(last_pos + 1 - j0);
+            let mut n_keys = [0usize; MAX_KEY_VECTORS];
+            for v in 0..V::KEY_VECTORS {
+                if lanes[v] > 0 {
+                    n_keys[v] = lanes[v].min(last_pos + 1 - first[v]);
+                }
+            }
             let mut dv = 0;
             while dv < hd {
                 let width = w.min(hd - dv);
@@ -323,18 +410,27 @@ unsafe fn pass<V: Vector, T: KvElem, const RQ: usize>(
                 for (r, or) in o.iter_mut().enumerate() {
                     *or = V::mul(V::load(ap.add(r * stride + dv)), V::splat(corr[r]));
                 }
-                for jj in 0..n_keys {
-                    let vv = load_lanes::<V, T>(vr.add((in_block + jj) * hd + dv), width);
-                    for (r, or) in o.iter_mut().enumerate() {
-                        *or = V::fmadd(V::splat(probs[r][jj]), vv, *or);
+                let mut off = 0;
+                for v in 0..V::KEY_VECTORS {
+                    for jj in 0..n_keys[v] {
+                        let row = vr[v].add((at[v] + jj) * hd + dv);
+                        let vv = if width == w {
+                            T::load(row)
+                        } else {
+                            load_lanes::<V, T>(row, width)
+                        };
+                        for (r, or) in o.iter_mut().enumerate() {
+                            *or = V::fmadd(V::splat(probs[r][off + jj]), vv, *or);
+                        }
                     }
+                    off += lanes[v];
                 }
                 for (r, or) in o.iter().enumerate() {
                     or.store(ap.add(r * stride + dv));
                 }
                 dv += w;
             }
-            j0 += lanes;
+            j0 = j;
         }
         for r in 0..RQ {
             states[r] = SoftmaxState {

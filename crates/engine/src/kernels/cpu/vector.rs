@@ -19,6 +19,9 @@ const ROUND: f32 = 12_582_912.0;
 pub(crate) trait Vector: Copy {
     /// Lanes per register.
     const WIDTH: usize;
+    /// Key vectors per attention tile (one softmax update): 2 where registers allow it (the
+    /// per-tile max, rescale and exps then cost half as much per key), else 1. At most 2.
+    const KEY_VECTORS: usize = 1;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
     /// Loads `WIDTH` IEEE halves and widens them.
@@ -83,6 +86,7 @@ pub(crate) mod x86 {
 
     impl Vector for Avx512 {
         const WIDTH: usize = 16;
+        const KEY_VECTORS: usize = 2;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn splat(x: f32) -> Self {
