@@ -8,8 +8,8 @@
 //! Pool layout (see `kv::storage`): per block and head, keys transposed as `[head_dim][block]`
 //! (the block's keys of one channel are contiguous: one vector load gives `WIDTH` keys) and
 //! values as `[block][head_dim]`. Inside a tile the two small products are register-tiled as in
-//! `matmul.rs`: `S = Q·Kᵀ` holds one score vector (`WIDTH` keys) per query and reads each key
-//! vector once for all queries; `O += P·V` holds one output vector per query and reads each value
+//! `matmul.rs`: `S = Q·Kᵀ` holds one score vector (`WIDTH` keys) per query and key vector, and
+//! reads each key vector once for all queries; `O += P·V` holds one output vector per query and reads each value
 //! vector once for all queries. 16-bit elements are widened in registers as they are loaded.
 //!
 //! The definition every path computes, per (query at position `p`, head): keys `0..=p` are cut
