@@ -31,8 +31,8 @@ pub(crate) struct Pools<T> {
 impl<T: KvElem> Pools<T> {
     fn zeros(len: usize) -> Self {
         Self {
-            k: vec![T::default(); len],
-            v: vec![T::default(); len],
+            k: T::zeros(len),
+            v: T::zeros(len),
         }
     }
 

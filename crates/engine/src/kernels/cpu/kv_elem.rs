@@ -6,6 +6,7 @@
 //! overflowing to infinity (an infinite key or value would turn the kernels' exact zero weights
 //! for masked keys into NaN), and NaN stays NaN.
 
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 
 use super::vector::Vector;
@@ -16,6 +17,8 @@ pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
     const NEEDS_F16C: bool = false;
     /// `x` rounded to this type.
     fn from_f32(x: f32) -> Self;
+    /// `len` zeros, allocated zeroed so the pages are only touched (resident) once written.
+    fn zeros(len: usize) -> Vec<Self>;
     /// `V::WIDTH` elements from `p`, widened to f32.
     ///
     /// # Safety
@@ -28,6 +31,9 @@ impl KvElem for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn zeros(len: usize) -> Vec<Self> {
+        vec![0.0; len]
     }
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const Self) -> V {
@@ -42,6 +48,9 @@ impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x.clamp(-65504.0, 65504.0))
     }
+    fn zeros(len: usize) -> Vec<Self> {
+        vec![0u16; len].reinterpret_into()
+    }
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const Self) -> V {
         // SAFETY: forwarded from the caller; f16 is a transparent u16.
@@ -53,6 +62,9 @@ impl KvElem for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn zeros(len: usize) -> Vec<Self> {
+        vec![0u16; len].reinterpret_into()
     }
     #[inline(always)]
     unsafe fn load<V: Vector>(p: *const Self) -> V {
