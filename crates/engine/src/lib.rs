@@ -22,8 +22,8 @@ pub mod sched;
 pub mod tokenizer;
 
 pub use api::config::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
-    ModelSource,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
+    LoadFormat, ModelSource,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

@@ -580,3 +580,38 @@ fn decode_throughput_demo_model() {
         );
     }
 }
+
+/// Absolute time of a request's first token: its submission plus the engine's `first_token`.
+fn first_token_at(submitted: Instant, mut stream: EventStream) -> Instant {
+    while let Some(event) = stream.blocking_recv() {
+        match event {
+            Event::Completed { timings, .. } => {
+                return submitted + timings.first_token.expect("a token was generated");
+            }
+            Event::Failed(message) => panic!("request failed: {message}"),
+            _ => {}
+        }
+    }
+    panic!("stream ended without Completed")
+}
+
+#[test]
+fn a_short_request_during_a_long_prefill_gets_its_first_token_first() {
+    // A 1,500-token prompt in chunks of 64 takes 24 steps; a short request submitted right
+    // after it is admitted beside the long prefill's next chunk instead of waiting for all of
+    // them, so its first token comes long before the long request's.
+    let engine = engine(|c| c.max_num_batched_tokens = 64);
+    let long_at = Instant::now();
+    let long = engine
+        .submit(request(prompt(1, 1500), 1))
+        .expect("accepted");
+    let short_at = Instant::now();
+    let short = engine.submit(request(prompt(2, 12), 1)).expect("accepted");
+    let short_first = first_token_at(short_at, short);
+    let long_first = first_token_at(long_at, long);
+    assert!(
+        short_first < long_first,
+        "the short request waited for the whole prefill ({:?} after the long one's first token)",
+        short_first - long_first
+    );
+}

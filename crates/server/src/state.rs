@@ -106,6 +106,9 @@ impl AppState {
 
     /// Installs the loaded engine; later calls are ignored.
     pub fn set_loaded(&self, loaded: Loaded) {
+        let info = loaded.engine.model_info();
+        let (dtype, bytes) = (info.kv_cache_dtype, info.kv_cache_bytes);
+        self.shared.metrics.set_kv_cache(dtype, bytes);
         let _ = self.shared.loaded.set(loaded);
     }
 

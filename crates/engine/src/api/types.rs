@@ -313,6 +313,10 @@ pub struct ModelInfo {
     pub model_dir: Option<std::path::PathBuf>,
     /// The `chat_template` from `tokenizer_config.json`, when present.
     pub chat_template: Option<String>,
+    /// Element type of the KV cache: "f32", "f16" or "bf16".
+    pub kv_cache_dtype: &'static str,
+    /// Bytes of the whole KV pool (K and V, all layers).
+    pub kv_cache_bytes: u64,
 }
 
 /// How far weight loading has got, reported after each tensor is read.

@@ -88,6 +88,14 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub kv_cache_memory: Option<String>,
+    /// KV cache element type: auto (f16 on the CPU, as llama.cpp; on a GPU bf16, or f16 for f16 weights), f32, f16 or bf16 [default: auto].
+    #[arg(
+        long,
+        env = "MPT_SERVER_KV_CACHE_DTYPE",
+        value_name = "DTYPE",
+        hide_env_values = true
+    )]
+    pub kv_cache_dtype: Option<String>,
     /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
     #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
     pub dtype: Option<String>,

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use mpt_engine::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
-    ModelSource,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
+    LoadFormat, ModelSource,
 };
 use serde::Deserialize;
 
@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub num_kv_blocks: Option<usize>,
     /// See `--kv-cache-memory` (a string such as "2GiB", or a number of bytes).
     pub kv_cache_memory: Option<SizeValue>,
+    /// See `--kv-cache-dtype`.
+    pub kv_cache_dtype: Option<String>,
     /// See `--dtype`.
     pub dtype: Option<String>,
     /// See `--device`.
@@ -146,6 +148,8 @@ pub struct ServerConfig {
     pub block_size: usize,
     /// KV cache size.
     pub kv_cache: KvCacheSize,
+    /// KV cache element type.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Dtype.
     pub dtype: DTypeSpec,
     /// Device.
@@ -212,6 +216,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_num_batched_tokens", &self.max_num_batched_tokens)
             .field("block_size", &self.block_size)
             .field("kv_cache", &self.kv_cache)
+            .field("kv_cache_dtype", &self.kv_cache_dtype)
             .field("dtype", &self.dtype)
             .field("device", &self.device)
             .field("gpu_memory_utilization", &self.gpu_memory_utilization)
@@ -297,6 +302,15 @@ fn parse_dtype(text: &str) -> Result<DTypeSpec, String> {
             "unknown dtype {other:?} (expected auto, f32, f16 or bf16)"
         )),
     }
+}
+
+fn parse_kv_cache_dtype(text: &str) -> Result<KvCacheDtype, String> {
+    KvCacheDtype::parse(&text.to_ascii_lowercase()).ok_or_else(|| {
+        format!(
+            "unknown KV cache dtype {text:?} (expected one of: {})",
+            KvCacheDtype::NAMES.join(", ")
+        )
+    })
 }
 
 fn parse_device(text: &str) -> Result<DeviceSpec, String> {
@@ -414,6 +428,10 @@ impl ServerConfig {
             Some(t) => parse_dtype(&t).map_err(invalid("--dtype"))?,
             None => DTypeSpec::Auto,
         };
+        let kv_cache_dtype = match cli.kv_cache_dtype.or(file.kv_cache_dtype) {
+            Some(t) => parse_kv_cache_dtype(&t).map_err(invalid("--kv-cache-dtype"))?,
+            None => defaults.kv_cache_dtype,
+        };
         let device = match cli.device.or(file.device) {
             Some(t) => parse_device(&t).map_err(invalid("--device"))?,
             None => DeviceSpec::Cpu,
@@ -482,6 +500,7 @@ impl ServerConfig {
                     .unwrap_or(defaults.block_size),
             )?,
             kv_cache,
+            kv_cache_dtype,
             dtype,
             device,
             gpu_memory_utilization,
@@ -518,6 +537,7 @@ impl ServerConfig {
             max_model_len: self.max_model_len,
             block_size: self.block_size,
             kv_cache: self.kv_cache,
+            kv_cache_dtype: self.kv_cache_dtype,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_queue_size: self.max_queue_size,

@@ -161,3 +161,23 @@ fn allow_unknown_fields_from_the_flag_or_the_file() {
             .allow_unknown_fields
     );
 }
+
+#[test]
+fn kv_cache_dtype_comes_from_flag_env_name_or_file_and_bad_names_list_the_valid_ones() {
+    let c = ServerConfig::default();
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Auto);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "BF16"]).expect("parses");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Bf16);
+    let file = parse_file("kv_cache_dtype = \"f32\"\n").expect("valid");
+    let c = ServerConfig::resolve(Cli::default(), file).expect("valid");
+    assert_eq!(c.kv_cache_dtype, KvCacheDtype::F32);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "fp8"]).expect("parses");
+    let err = ServerConfig::resolve(cli, FileConfig::default()).expect_err("unknown");
+    let text = err.to_string();
+    assert!(
+        text.contains("--kv-cache-dtype") && text.contains("\"fp8\""),
+        "{text}"
+    );
+    assert!(text.contains("auto, f32, f16, bf16"), "{text}");
+}
