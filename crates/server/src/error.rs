@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mpt_engine::{LogprobsOf, SamplingParam, SubmitError};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// OpenAI's `code` for a prompt + completion longer than the model or the cache allows.
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
@@ -244,24 +245,45 @@ impl From<SubmitError> for ApiError {
 }
 
 /// `{"error": {...}}`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ErrorBody {
     /// The detail.
     pub error: ErrorDetail,
 }
 
 /// OpenAI's error object.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ErrorDetail {
     /// Human-readable message.
     pub message: String,
     /// Error class.
     #[serde(rename = "type")]
+    #[schema(schema_with = error_kind_schema)]
     pub kind: String,
-    /// The request field at fault.
+    /// The request field at fault (a dotted path for nested fields), or null.
+    #[schema(required = true)]
     pub param: Option<String>,
-    /// Machine-readable code.
+    /// Machine-readable code (`context_length_exceeded`, `model_not_found`, `invalid_api_key`,
+    /// `queue_full`), or null.
+    #[schema(required = true)]
     pub code: Option<String>,
+}
+
+/// Every `type` an [`ApiError`] can have.
+pub const ERROR_KINDS: &[&str] = &[
+    "invalid_request_error",
+    "authentication_error",
+    "not_found_error",
+    "rate_limit_error",
+    "service_unavailable_error",
+    "internal_server_error",
+];
+
+fn error_kind_schema() -> utoipa::openapi::schema::Schema {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(ERROR_KINDS.iter().copied()))
+        .into()
 }
 
 impl IntoResponse for ApiError {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod generation;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 mod progress;
 pub mod routes;
 pub mod shutdown;
@@ -25,12 +26,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderValue;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -40,10 +40,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{ConfigError, LogFormat, ServerConfig};
 use crate::error::ApiError;
+use crate::openapi::ApiDocument;
 use crate::state::{AppState, Loaded, StateConfig};
 
 /// How long open connections get to finish after the drain before the server exits.
@@ -102,28 +104,40 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
     }
 }
 
-/// The router with every route and middleware; CORS only when origins are configured.
+/// The router with every route and middleware, and `/openapi.json` describing exactly those
+/// routes; CORS only when origins are configured.
+///
+/// Every route is registered with `routes!`, which takes its path and methods from the
+/// handler's `#[utoipa::path]` attribute and adds the operation to the document: a route added
+/// any other way would be missing from the document (a test walks the router to check).
 pub fn app(state: AppState) -> Router {
-    let cors_allow_origin = state.config().cors_allow_origin.clone();
+    let config = state.config();
+    let cors_allow_origin = config.cors_allow_origin.clone();
     use routes::*;
-    // The API proper, behind the API key; probes and metrics stay open.
-    let api = Router::new()
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/models", get(models::list_models))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
-    let router = Router::new()
+    // The API proper, behind the API key; probes, metrics and the document stay open.
+    let mut api = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(completions::completions))
+        .routes(utoipa_axum::routes!(chat::chat_completions))
+        .routes(utoipa_axum::routes!(models::list_models))
+        .routes(utoipa_axum::routes!(tokenize::tokenize))
+        .routes(utoipa_axum::routes!(tokenize::detokenize));
+    crate::openapi::protect(api.get_openapi_mut(), config.api_key.is_some());
+    let api = api.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_api_key,
+    ));
+    let (router, document) = OpenApiRouter::with_openapi(crate::openapi::base())
         .merge(api)
-        .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
+        .routes(utoipa_axum::routes!(health::health))
+        .routes(utoipa_axum::routes!(health::ready))
+        .routes(utoipa_axum::routes!(health::metrics))
+        .routes(utoipa_axum::routes!(openapi::openapi_json))
+        .split_for_parts();
+    let document = ApiDocument::new(&crate::openapi::finish(document, config));
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(document))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), track))

@@ -6,6 +6,7 @@
 
 pub mod fields;
 pub mod messages;
+pub mod schema;
 pub mod structured;
 pub mod tool_calls;
 pub mod tools;

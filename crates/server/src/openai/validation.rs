@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::openai::structured::requested_output;
 use crate::openai::tools::ToolPlan;
+use crate::openai::types::integer::whole;
 use crate::openai::types::{ChatCompletionRequest, CompletionRequest};
 
 /// Largest `n`/`best_of` accepted.
@@ -101,7 +102,7 @@ pub fn check_model(model: Option<&str>, ctx_name: &str) -> Result<(), ApiError> 
 }
 
 fn token_id(v: &Value, vocab_size: usize, param: &str) -> Result<u32, ApiError> {
-    let id = v.as_i64().ok_or_else(|| {
+    let id = v.as_number().and_then(whole).ok_or_else(|| {
         bad(
             param,
             format!("{param} must contain token ids (integers), got {v}"),
@@ -215,6 +216,12 @@ fn in_range(
     Ok(v as f32)
 }
 
+/// A positive value as the engine holds it (f32): one too small for f32 stays positive and one
+/// too large stays finite, so every value the range accepts is served.
+fn positive_f32(v: f64) -> f32 {
+    (v as f32).clamp(f32::MIN_POSITIVE, f32::MAX)
+}
+
 /// Sampling-related fields shared by completions and chat.
 struct Common<'a> {
     temperature: Option<f64>,
@@ -276,11 +283,11 @@ fn sampling(c: &Common<'_>, vocab_size: usize) -> Result<SamplingParams, ApiErro
     Ok(SamplingParams {
         temperature: in_range("temperature", c.temperature, 0.0, 2.0, 1.0)?,
         top_k,
-        top_p: top_p as f32,
+        top_p: positive_f32(top_p),
         min_p: in_range("min_p", c.min_p, 0.0, 1.0, 0.0)?,
         presence_penalty: in_range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)?,
         frequency_penalty: in_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)?,
-        repetition_penalty: repetition_penalty as f32,
+        repetition_penalty: positive_f32(repetition_penalty),
         logit_bias,
         seed: c.seed.map(|s| s as u64),
     })

@@ -140,3 +140,42 @@ fn chat_adds_im_end_stops_and_fills_max_tokens() {
         64
     );
 }
+
+#[test]
+fn tiny_and_huge_positive_values_reach_the_engine_positive_and_finite() {
+    // 5e-324 is in (0, 1] but is 0 as an f32; 1e300 is > 0 but infinite as an f32: the
+    // engine refuses both, so validation must hand it values it serves.
+    let t = tokenizer();
+    let v = validate_completion(
+        &completion(json!({"prompt": "hi", "top_p": 5e-324, "repetition_penalty": 1e300})),
+        &ctx(&t),
+        "x",
+    )
+    .expect("in range");
+    let s = &v.requests[0].sampling;
+    assert!(s.top_p > 0.0 && s.top_p <= 1.0, "{}", s.top_p);
+    assert!(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0);
+    let tiny = validate_completion(
+        &completion(json!({"prompt": "hi", "repetition_penalty": 5e-324})),
+        &ctx(&t),
+        "x",
+    )
+    .expect("in range");
+    assert!(tiny.requests[0].sampling.repetition_penalty > 0.0);
+}
+
+#[test]
+fn whole_floats_are_integers_everywhere() {
+    let t = tokenizer();
+    let v = validate_completion(
+        &completion(json!({"prompt": [9.0, 1e1], "max_tokens": 4.0, "n": 2.0, "logprobs": 1.0})),
+        &ctx(&t),
+        "x",
+    )
+    .expect("whole numbers");
+    assert_eq!(v.requests[0].prompt_token_ids, vec![9, 10]);
+    assert_eq!(v.requests[0].stop.max_tokens, 4);
+    assert_eq!(v.n, 2);
+    let err = parse_prompt(Some(&json!([9.5])), 100).expect_err("a fraction");
+    assert_eq!(err.body().error.param.as_deref(), Some("prompt"));
+}

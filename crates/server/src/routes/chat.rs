@@ -21,17 +21,33 @@ use crate::openai::messages::check_messages;
 use crate::openai::tool_calls::ChoiceOutput;
 use crate::openai::tools::tool_plan;
 use crate::openai::types::{
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatFullMessage, ChatLogprobs,
-    ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, UsageInfo,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatFullMessage, ChatLogprobs, ChatStream, ChatTokenLogprob,
+    ChatTopLogprob, ToolCallDelta, UsageInfo,
 };
 use crate::openai::validation::{ValidatedChat, check_model, validate_chat};
+use crate::openapi::errors::GenerationErrors;
 use crate::routes::{
     ApiJson, compile_constraint, context as validation_context, logged_by_handler,
 };
 use crate::sse;
 use crate::state::{AppState, unix_now};
 
-/// The handler.
+/// Creates a chat completion: one JSON response, or with `"stream": true` a stream of events.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer; with `stream`, server-sent events",
+            content(
+                (ChatCompletionResponse = "application/json"),
+                (ChatStream = "text/event-stream"),
+            )),
+        GenerationErrors,
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
@@ -100,15 +116,25 @@ struct Job {
 }
 
 impl Job {
-    fn response(
-        &self,
-        object: &'static str,
-        choices: Vec<ChatChoice>,
-        usage: Option<UsageInfo>,
-    ) -> ChatCompletionResponse {
+    fn response(&self, choices: Vec<ChatChoice>, usage: UsageInfo) -> ChatCompletionResponse {
         ChatCompletionResponse {
             id: self.id.clone(),
-            object,
+            object: "chat.completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    fn chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<UsageInfo>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
             created: self.created,
             model: self.model.clone(),
             choices,
@@ -182,24 +208,19 @@ async fn collect(
             let content = output.content().to_string();
             ChatChoice {
                 index,
-                message: Some(ChatFullMessage {
+                message: ChatFullMessage {
                     role: "assistant",
                     // OpenAI's shape: `null` content for an answer that is only tool calls.
                     content: (tool_calls.is_none() || !content.is_empty()).then_some(content),
                     tool_calls,
-                }),
-                delta: None,
+                },
                 logprobs,
                 finish_reason: Some(output.finish_reason(finish.unwrap_or(FinishReason::Length))),
             }
         })
         .collect();
     let usage = UsageInfo::new(usage.prompt_tokens, usage.completion_tokens);
-    Ok(axum::Json(job.response(
-        "chat.completion",
-        choices,
-        Some(usage),
-    )))
+    Ok(axum::Json(job.response(choices, usage)))
 }
 
 type Tx = mpsc::Sender<Result<SseEvent, Infallible>>;
@@ -217,25 +238,21 @@ async fn stream_task(job: Job, mut generation: Generation, tx: Tx) {
 
 fn chunk_choice(
     index: usize,
-    delta: ChatResponseMessage,
+    delta: ChatDelta,
     logprobs: Option<ChatLogprobs>,
     finish: Option<&'static str>,
-) -> ChatChoice {
-    ChatChoice {
+) -> ChatChunkChoice {
+    ChatChunkChoice {
         index,
-        message: None,
-        delta: Some(delta),
+        delta,
         logprobs,
         finish_reason: finish,
     }
 }
 
 /// A delta with content and/or tool-call pieces.
-fn delta_message(
-    content: String,
-    tool_calls: Vec<crate::openai::types::ToolCallDelta>,
-) -> ChatResponseMessage {
-    ChatResponseMessage {
+fn delta_message(content: String, tool_calls: Vec<ToolCallDelta>) -> ChatDelta {
+    ChatDelta {
         role: None,
         content: (!content.is_empty() || tool_calls.is_empty()).then_some(content),
         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
@@ -243,10 +260,9 @@ fn delta_message(
 }
 
 async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
-    const OBJECT: &str = "chat.completion.chunk";
     let opening: Vec<_> = (0..job.valid.n)
         .map(|i| {
-            let delta = ChatResponseMessage {
+            let delta = ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
                 tool_calls: None,
@@ -254,7 +270,7 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
             chunk_choice(i, delta, None, None)
         })
         .collect();
-    if !send(tx, sse::json(&job.response(OBJECT, opening, None))).await {
+    if !send(tx, sse::json(&job.chunk(opening, None))).await {
         return;
     }
     let mut aborted = false;
@@ -281,12 +297,12 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
                 let (content, calls) = output.finish();
                 if !(content.is_empty() && calls.is_empty()) {
                     let rest = chunk_choice(index, delta_message(content, calls), None, None);
-                    if !send(tx, sse::json(&job.response(OBJECT, vec![rest], None))).await {
+                    if !send(tx, sse::json(&job.chunk(vec![rest], None))).await {
                         return;
                     }
                 }
                 let reason = output.finish_reason(reason);
-                chunk_choice(index, ChatResponseMessage::default(), None, Some(reason))
+                chunk_choice(index, ChatDelta::default(), None, Some(reason))
             }
             Item::Failed(err) => {
                 if send(tx, sse::error(&err)).await {
@@ -296,7 +312,7 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
             }
             Item::PromptLogprobs { .. } | Item::Completed { .. } => continue,
         };
-        if !send(tx, sse::json(&job.response(OBJECT, vec![choice], None))).await {
+        if !send(tx, sse::json(&job.chunk(vec![choice], None))).await {
             return;
         }
     }
@@ -306,12 +322,7 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
     if job.valid.include_usage {
         let u = generation.usage();
         let usage = UsageInfo::new(u.prompt_tokens, u.completion_tokens);
-        if !send(
-            tx,
-            sse::json(&job.response(OBJECT, Vec::new(), Some(usage))),
-        )
-        .await
-        {
+        if !send(tx, sse::json(&job.chunk(Vec::new(), Some(usage)))).await {
             return;
         }
     }

@@ -17,10 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::error::ApiError;
 use crate::generation::{Generation, Item, new_id};
 use crate::openai::types::{
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, TopLogprobs,
-    UsageInfo, finish_reason,
+    CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
+    CompletionStream, TopLogprobs, UsageInfo, finish_reason,
 };
 use crate::openai::validation::{ValidatedCompletion, parse_prompt, validate_completion};
+use crate::openapi::errors::GenerationErrors;
 use crate::routes::{ApiJson, compile_constraint, context, logged_by_handler};
 use crate::sse;
 use crate::state::{AppState, unix_now};
@@ -148,7 +149,21 @@ fn extend(into: &mut CompletionLogprobs, more: CompletionLogprobs) {
     into.text_offset.extend(more.text_offset);
 }
 
-/// The handler.
+/// Creates a completion: one JSON response, or with `"stream": true` a stream of events.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream`, server-sent events",
+            content(
+                (CompletionResponse = "application/json"),
+                (CompletionStream = "text/event-stream"),
+            )),
+        GenerationErrors,
+    )
+)]
 pub async fn completions(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<CompletionRequest>,
@@ -231,11 +246,18 @@ impl Job {
             .collect()
     }
 
-    fn chunk(
-        &self,
-        choices: Vec<CompletionChoice>,
-        usage: Option<UsageInfo>,
-    ) -> CompletionResponse {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageInfo>) -> CompletionChunk {
+        CompletionChunk {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    fn response(&self, choices: Vec<CompletionChoice>, usage: UsageInfo) -> CompletionResponse {
         CompletionResponse {
             id: self.id.clone(),
             object: "text_completion",
@@ -302,9 +324,9 @@ async fn collect(
             finish_reason: Some(finish_reason(c.finish.unwrap_or(FinishReason::Length))),
         })
         .collect();
-    Ok(axum::Json(job.chunk(
+    Ok(axum::Json(job.response(
         out,
-        Some(UsageInfo::new(usage.prompt_tokens, usage.completion_tokens)),
+        UsageInfo::new(usage.prompt_tokens, usage.completion_tokens),
     )))
 }
 

@@ -9,9 +9,19 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
+use crate::openapi::errors::{HealthErrors, InternalErrors, UnavailableErrors};
 use crate::state::AppState;
 
 /// Liveness: 503 only if the engine thread died.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "server",
+    responses(
+        (status = 200, description = "The process and its engine thread are alive (empty body)"),
+        HealthErrors,
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> Response {
     match state.engine() {
         Some(engine) if !engine.is_alive() => ApiError::EngineStopped.into_response(),
@@ -20,6 +30,15 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// Readiness: 503 while loading, draining, or with a dead engine.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "server",
+    responses(
+        (status = 200, description = "The model is loaded and requests are served (empty body)"),
+        UnavailableErrors,
+    )
+)]
 pub async fn ready(State(state): State<AppState>) -> Response {
     match state.loaded() {
         Ok(loaded) if loaded.engine.is_alive() => StatusCode::OK.into_response(),
@@ -29,6 +48,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "server",
+    responses(
+        (status = 200, description = "Prometheus text format, version 0.0.4", body = String, content_type = "text/plain"),
+        InternalErrors,
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.engine().map(|e| e.stats());
     let body = state.metrics().render(stats.as_ref());

@@ -13,6 +13,7 @@ pub mod chat;
 pub mod completions;
 pub mod health;
 pub mod models;
+pub mod openapi;
 pub mod tokenize;
 
 use std::time::Instant;

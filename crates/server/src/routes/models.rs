@@ -7,9 +7,19 @@ use axum::extract::State;
 
 use crate::error::ApiError;
 use crate::openai::types::{ModelCard, ModelList};
+use crate::openapi::errors::UnavailableErrors;
 use crate::state::AppState;
 
 /// Lists the served model.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses(
+        (status = 200, description = "The served model", body = ModelList),
+        UnavailableErrors,
+    )
+)]
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let loaded = state.loaded()?;
     Ok(Json(ModelList {

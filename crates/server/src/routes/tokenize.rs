@@ -13,10 +13,21 @@ use crate::openai::types::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
 };
 use crate::openai::validation::check_model;
+use crate::openapi::errors::TokenizerErrors;
 use crate::routes::ApiJson;
 use crate::state::AppState;
 
 /// Text or chat messages → token ids.
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "vllm",
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "The token ids", body = TokenizeResponse),
+        TokenizerErrors,
+    )
+)]
 pub async fn tokenize(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TokenizeRequest>,
@@ -59,6 +70,16 @@ pub async fn tokenize(
 }
 
 /// Token ids → text.
+#[utoipa::path(
+    post,
+    path = "/detokenize",
+    tag = "vllm",
+    request_body = DetokenizeRequest,
+    responses(
+        (status = 200, description = "The text", body = DetokenizeResponse),
+        TokenizerErrors,
+    )
+)]
 pub async fn detokenize(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<DetokenizeRequest>,
