@@ -323,6 +323,29 @@ mod tests {
     }
 
     #[test]
+    fn every_error_type_is_one_the_document_lists() {
+        let errors = [
+            ApiError::invalid("x", "y"),
+            ApiError::MalformedBody("x".into()),
+            ApiError::Unauthorized,
+            ApiError::ModelNotFound("x".into()),
+            ApiError::RouteNotFound("x".into()),
+            ApiError::MethodNotAllowed,
+            ApiError::PayloadTooLarge(1),
+            ApiError::UnsupportedMediaType("x".into()),
+            ApiError::QueueFull,
+            ApiError::NotReady,
+            ApiError::ShuttingDown,
+            ApiError::EngineStopped,
+            ApiError::Timeout,
+            ApiError::Internal("x".into()),
+        ];
+        for e in errors {
+            assert!(ERROR_KINDS.contains(&e.kind()), "{e:?}");
+        }
+    }
+
+    #[test]
     fn internal_errors_leak_nothing() {
         let e = ApiError::Internal("tensor shape mismatch at /secret/path".into());
         assert_eq!(e.body().error.message, "internal server error");

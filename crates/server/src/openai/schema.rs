@@ -448,3 +448,7 @@ pub fn stream_event(chunk: &str) -> Schema {
          come between events while nothing else is sent.",
     )))
 }
+
+#[cfg(test)]
+#[path = "schema_tests.rs"]
+mod tests;

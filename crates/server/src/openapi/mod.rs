@@ -201,3 +201,6 @@ impl IntoResponse for ApiDocument {
             .into_response()
     }
 }
+
+#[cfg(test)]
+mod tests;
