@@ -22,6 +22,7 @@ pub mod tokenizer;
 
 pub use api::config::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
+    Quantization,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

@@ -419,7 +419,8 @@ fn submit_rejects_what_can_never_run() {
     let mut forks = request(prompt(2, 5), 5);
     forks.best_of = 5;
     assert_eq!(
-        e.submit(forks).expect_err("more sequences than ever run at once"),
+        e.submit(forks)
+            .expect_err("more sequences than ever run at once"),
         SubmitError::ChoiceCount {
             n: 1,
             best_of: 5,
@@ -431,7 +432,9 @@ fn submit_rejects_what_can_never_run() {
         c.kv_cache = KvCacheSize::Blocks(3);
     });
     assert_eq!(
-        small.submit(request(prompt(1, 10), 5)).expect_err("cache too small"),
+        small
+            .submit(request(prompt(1, 10), 5))
+            .expect_err("cache too small"),
         SubmitError::KvCacheTooSmall {
             prompt_tokens: 10,
             max_tokens: 5,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use mpt_engine::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
+    Quantization,
 };
 use serde::Deserialize;
 
@@ -81,6 +82,10 @@ pub struct FileConfig {
     pub kv_cache_memory: Option<SizeValue>,
     /// See `--dtype`.
     pub dtype: Option<String>,
+    /// See `--quantization`.
+    pub quantization: Option<String>,
+    /// See `--tokenizer`.
+    pub tokenizer: Option<PathBuf>,
     /// See `--device`.
     pub device: Option<String>,
     /// See `--gpu-memory-utilization`.
@@ -145,6 +150,10 @@ pub struct ServerConfig {
     pub kv_cache: KvCacheSize,
     /// Dtype.
     pub dtype: DTypeSpec,
+    /// In-situ weight quantization.
+    pub quantization: Option<Quantization>,
+    /// A tokenizer.json overriding the model's.
+    pub tokenizer: Option<PathBuf>,
     /// Device.
     pub device: DeviceSpec,
     /// Fraction of the GPU's memory to use (sizes an automatic KV cache on a GPU).
@@ -180,6 +189,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("block_size", &self.block_size)
             .field("kv_cache", &self.kv_cache)
             .field("dtype", &self.dtype)
+            .field("quantization", &self.quantization)
+            .field("tokenizer", &self.tokenizer)
             .field("device", &self.device)
             .field("gpu_memory_utilization", &self.gpu_memory_utilization)
             .field("load_format", &self.load_format)
@@ -263,6 +274,12 @@ fn parse_dtype(text: &str) -> Result<DTypeSpec, String> {
     }
 }
 
+/// Whether `--model` names a GGUF file rather than a model directory.
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 fn parse_device(text: &str) -> Result<DeviceSpec, String> {
     let t = text.to_ascii_lowercase();
     if t == "cpu" {
@@ -343,10 +360,15 @@ impl ServerConfig {
             .served_model_name
             .or(file.served_model_name)
             .or_else(|| {
-                model
-                    .as_deref()
-                    .and_then(|dir| dir.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
+                model.as_deref().and_then(|path| {
+                    // A GGUF file is named by its stem, a directory by its name.
+                    let name = if is_gguf(path) {
+                        path.file_stem()
+                    } else {
+                        path.file_name()
+                    };
+                    name.map(|n| n.to_string_lossy().into_owned())
+                })
             })
             .unwrap_or_else(|| DEMO_MODEL_NAME.to_string());
         if served_model_name.trim().is_empty() {
@@ -378,6 +400,11 @@ impl ServerConfig {
             Some(t) => parse_dtype(&t).map_err(invalid("--dtype"))?,
             None => DTypeSpec::Auto,
         };
+        let quantization = match cli.quantization.or(file.quantization) {
+            Some(t) => Some(Quantization::parse(&t).map_err(invalid("--quantization"))?),
+            None => None,
+        };
+        let tokenizer = cli.tokenizer.or(file.tokenizer);
         let device = match cli.device.or(file.device) {
             Some(t) => parse_device(&t).map_err(invalid("--device"))?,
             None => DeviceSpec::Cpu,
@@ -447,6 +474,8 @@ impl ServerConfig {
             )?,
             kv_cache,
             dtype,
+            quantization,
+            tokenizer,
             device,
             gpu_memory_utilization,
             load_format,
@@ -469,11 +498,14 @@ impl ServerConfig {
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             model: match &self.model {
+                Some(path) if is_gguf(path) => ModelSource::Gguf(path.clone()),
                 Some(dir) => ModelSource::Dir(dir.clone()),
                 None => ModelSource::Demo,
             },
             device: self.device,
             dtype: self.dtype,
+            quantization: self.quantization,
+            tokenizer: self.tokenizer.clone(),
             max_model_len: self.max_model_len,
             block_size: self.block_size,
             kv_cache: self.kv_cache,

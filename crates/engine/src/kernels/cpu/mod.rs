@@ -1,10 +1,18 @@
 //! CPU kernels: run-time instruction-set detection ([`isa`]), the register-tiled f32 matmul
-//! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]) and the exact-erf GELU ([`gelu`]).
+//! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]) and the exact-erf GELU ([`gelu`]);
+//! ggml's block formats ([`quant_formats`], [`k_quants`]), the int8 Q8_0 matmul ([`q8_0`]) and
+//! the bf16 matmul ([`bf16`]).
 //! Code that uses SIMD intrinsics lives here and nowhere else.
 
+#[allow(unsafe_code)]
+pub(crate) mod bf16;
 pub(crate) mod fast_math;
 pub(crate) mod gelu;
 #[allow(unsafe_code)]
 pub(crate) mod isa;
+pub(crate) mod k_quants;
 #[allow(unsafe_code)]
 pub(crate) mod matmul;
+#[allow(unsafe_code)]
+pub(crate) mod q8_0;
+pub(crate) mod quant_formats;
