@@ -19,7 +19,6 @@ use crate::kv::budget::{fixed_kv_cache_blocks, gib};
 use crate::model::Mpt;
 use crate::model::config::MptConfig;
 use crate::model::gguf::GgufFile;
-use crate::model::gguf_tokenizer::tokenizer_from_gguf;
 use crate::model::mpt::LoadOptions;
 use crate::sched::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
@@ -147,7 +146,7 @@ fn load_tokenizer(
                     tracing::info!(
                         "tokenizer: rebuilt from the GGUF file's tokenizer.ggml.* metadata"
                     );
-                    tokenizer_from_gguf(file.metadata())?
+                    file.tokenizer()?
                 }
             }
         }

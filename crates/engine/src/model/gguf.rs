@@ -160,11 +160,6 @@ impl GgufFile {
         self.tensors.is_empty()
     }
 
-    /// The metadata entries (`tokenizer.ggml.*` among them).
-    pub(crate) fn metadata(&self) -> &HashMap<String, Value> {
-        &self.metadata
-    }
-
     /// The first tensor (by name) stored in a ggml block format, if any.
     pub(crate) fn first_quantized(&self) -> Option<(String, GgmlDType)> {
         let mut names: Vec<&String> = self.tensors.keys().collect();
@@ -182,6 +177,11 @@ impl GgufFile {
 
     fn shape_of(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|(_, s, _)| s.as_slice())
+    }
+
+    /// The tokenizer rebuilt from the file's `tokenizer.ggml.*` metadata.
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+        super::gguf_tokenizer::tokenizer_from_gguf(&self.metadata)
     }
 
     /// `chat_template` from the metadata, if the converter stored one.

@@ -12,6 +12,8 @@ pub mod demo;
 pub mod gguf;
 pub(crate) mod gguf_tokenizer;
 pub(crate) mod linear;
+#[cfg(test)]
+mod linear_speed;
 pub mod mpt;
 pub(crate) mod quantize;
 pub mod weights;

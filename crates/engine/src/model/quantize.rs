@@ -240,6 +240,48 @@ pub(crate) fn human_bytes(b: u64) -> String {
 mod tests {
     use super::*;
 
+    /// tests/fixtures/models/quant256/ggml-expected.safetensors holds llama.cpp's bytes for every
+    /// matrix of the fixture (gguf-py for Q8_0/Q4_0, `llama-quantize --pure` for Q4_K/Q6_K; see
+    /// tests/fixtures/make_gguf.py): ours must be identical, byte for byte.
+    #[test]
+    fn quantized_bytes_are_identical_to_llama_cpps() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/quant256");
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .expect("fixture weights");
+        let expected =
+            candle_core::safetensors::load(dir.join("ggml-expected.safetensors"), &Device::Cpu)
+                .expect("expected bytes");
+        let mut checked = std::collections::BTreeSet::new();
+        for (key, want) in &expected {
+            let (label, name) = key.split_once('/').expect("format/name");
+            let format = format_of(Quantization::parse(label).expect("format label"));
+            let w = weights[name].to_dtype(DType::F32).expect("f32");
+            let (rows, k) = w.dims2().expect("matrix");
+            let values = w
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("values");
+            let mut ours = vec![0u8; rows * format.bytes_for(k)];
+            for (x, out) in values.chunks(k).zip(ours.chunks_mut(format.bytes_for(k))) {
+                format.quantize_row(x, out);
+            }
+            let want = want.to_vec1::<u8>().expect("bytes");
+            assert_eq!(ours.len(), want.len(), "{key}: size");
+            if let Some(i) = ours.iter().zip(&want).position(|(a, b)| a != b) {
+                let block = i / format.block_bytes();
+                panic!("{key}: first difference at byte {i} (block {block} of {rows} x {k})");
+            }
+            checked.insert(label.to_string());
+        }
+        let all: Vec<&str> = Quantization::ALL.iter().map(|q| q.name()).collect();
+        assert_eq!(checked.into_iter().collect::<Vec<_>>(), {
+            let mut v: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+            v.sort();
+            v
+        });
+    }
+
     #[test]
     fn matrices_with_a_partial_block_stay_at_the_run_dtype() {
         let plan = WeightPlan::new(Some(Quantization::Q8_0), &Device::Cpu, DType::F32);

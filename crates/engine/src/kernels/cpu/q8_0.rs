@@ -225,37 +225,48 @@ impl QuantizedActs {
             k,
             qs: vec![0i8; m * k],
             scales: vec![0f32; m * (16 * supers + tail)],
-            corr: vec![0i32; m * 16 * supers],
+            // One spare slot per row when there are no super-blocks, so every row has a chunk.
+            corr: vec![0i32; m * (16 * supers).max(1)],
         };
         let per_scales = 16 * supers + tail;
-        for r in 0..m {
-            let xr = &x[r * k..][..k];
-            let qs = &mut a.qs[r * k..][..k];
-            let scales = &mut a.scales[r * per_scales..][..per_scales];
-            let corr = &mut a.corr[r * 16 * supers..][..16 * supers];
-            let mut q = [0i8; QK];
-            for (b, block) in xr.chunks_exact(QK).enumerate() {
-                let d = quantize_act_block(block, &mut q);
-                let i0 = b * QK;
-                if i0 < supers * SUPER {
-                    let (s, within) = (b / 8, b % 8);
-                    let base = s * SUPER;
-                    for (e, &v) in q.iter().enumerate() {
-                        qs[base + interleaved((i0 + e) % SUPER)] = v;
-                    }
-                    for half in 0..2 {
-                        let lane = 16 * s + 8 * half + within;
-                        scales[lane] = d;
-                        let sum: i32 = q[16 * half..16 * half + 16].iter().map(|&v| v as i32).sum();
-                        corr[lane] = -128 * sum;
-                    }
-                } else {
-                    qs[i0..i0 + QK].copy_from_slice(&q);
-                    scales[16 * supers + (b - 8 * supers)] = d;
-                }
-            }
-        }
+        // Rows are independent: prefill chunks have hundreds, so they are split over threads.
+        a.qs.par_chunks_mut(k)
+            .zip(a.scales.par_chunks_mut(per_scales))
+            .zip(a.corr.par_chunks_mut((16 * supers).max(1)))
+            .zip(x.par_chunks(k))
+            .for_each(|(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr));
         a
+    }
+}
+
+/// One activation row into the interleaved layout (see [`QuantizedActs`]).
+fn quantize_act_row(
+    xr: &[f32],
+    supers: usize,
+    qs: &mut [i8],
+    scales: &mut [f32],
+    corr: &mut [i32],
+) {
+    let mut q = [0i8; QK];
+    for (b, block) in xr.chunks_exact(QK).enumerate() {
+        let d = quantize_act_block(block, &mut q);
+        let i0 = b * QK;
+        if i0 < supers * SUPER {
+            let (s, within) = (b / 8, b % 8);
+            let base = s * SUPER;
+            for (e, &v) in q.iter().enumerate() {
+                qs[base + interleaved((i0 + e) % SUPER)] = v;
+            }
+            for half in 0..2 {
+                let lane = 16 * s + 8 * half + within;
+                scales[lane] = d;
+                let sum: i32 = q[16 * half..16 * half + 16].iter().map(|&v| v as i32).sum();
+                corr[lane] = -128 * sum;
+            }
+        } else {
+            qs[i0..i0 + QK].copy_from_slice(&q);
+            scales[16 * supers + (b - 8 * supers)] = d;
+        }
     }
 }
 
