@@ -40,7 +40,9 @@ done
   --model mpt-7b-shape --scenario decode --prompt-tokens 32 --output-tokens 32 \
   --concurrency 1 --num-requests 3 --warmup 1 --seed 1 --no-progress \
   --output "$WORK/mpt7b-$QUANT.json" | tee "$WORK/mpt7b-$QUANT.txt"
-kill -TERM $PID
+# $PID is /usr/bin/time; stop the server (its child) so that time prints the peak RSS.
+SERVER_PID=$(pgrep -P $PID)
+kill -TERM "$SERVER_PID"
 wait $PID || true
 grep -E "weights by kind|model weights loaded" "$LOG" | sed 's/^.*INFO //'
 grep -E "Maximum resident set size" "$LOG"

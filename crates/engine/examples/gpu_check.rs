@@ -224,7 +224,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let mut cache = cache(&mut model, &attention, blocks, block_size)?;
     let wb = if options.quantization.is_some() {
         // Matrices at their quantized size, plus the (small) vectors at the run dtype.
-        let vectors = (config.n_layers * 4 * config.d_model + 2 * config.d_model) * dt.size_in_bytes();
+        let vectors =
+            (config.n_layers * 4 * config.d_model + 2 * config.d_model) * dt.size_in_bytes();
         model.weight_bytes().values().sum::<u64>() as usize + vectors
     } else {
         weight_bytes(&config, dt)

@@ -280,6 +280,29 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn q8_0_weights_compute_with_their_dequantized_values() -> candle_core::Result<()> {
+        use crate::kernels::cpu::q8_0::quantize_matrix;
+        let dev = candle_core::Device::Cpu;
+        let (n, k) = (48, 512);
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let layer = Linear::with_weight(Weight::Q8(Arc::new(quantize_matrix(&values, n, k))), None);
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let dense = layer.weight().rows(&ids, DType::F32, &dev)?;
+        // Decode tiles (1 row), 4 x 4 tiles with leftovers, and more rows than one L2 pass.
+        for rows in [1, 5, 32, 33, 70] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+            let want = x.matmul(&dense.t()?)?;
+            let got = layer.forward(&x)?;
+            let err = ((got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+                / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+            .sqrt();
+            assert!(err < 0.02, "rows={rows}: rel err {err}");
+        }
+        Ok(())
+    }
+
     /// Not a test: prints the kernel's speed against candle's matmul for the ~125M benchmark
     /// model's shapes. `cargo test --release -p mpt-engine --lib -- --ignored --nocapture
     /// linear_speed_report` on a quiet machine.
