@@ -177,6 +177,8 @@ mod x86 {
         }
     }
 
+    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<const RA: usize, const RB: usize>(
         w: &[bf16],

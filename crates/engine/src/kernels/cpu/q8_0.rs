@@ -408,6 +408,8 @@ mod x86 {
     }
 
     /// Weight rows `r0..r0 + RA` against activation rows `c0..c0 + RB`.
+    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<const RA: usize, const RB: usize>(
         w: WeightRows<'_>,
