@@ -7,7 +7,7 @@
 # tokenizer.json under $BENCH_WORK (default target/bench), serves it with `--load-format dummy
 # --quantization q8_0` (random weights, generated and quantized one tensor at a time) under
 # `/usr/bin/time -v`, sends a few greedy requests with mpt-bench (prompt 32 / output 32, one
-# stream), stops the server and prints the peak RSS, the load time from the log and the decode
+# stream; a 512-token context and a 0.5 GiB KV cache), stops the server and prints the peak RSS, the load time from the log and the decode
 # speed. Settings: BENCH_THREADS (2), BENCH_PORT (18300), BENCH_QUANT (q8_0).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +29,7 @@ PY
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 /usr/bin/time -v "$ROOT/target/release/mpt-server" --model "$DIR" --load-format dummy \
   --quantization "$QUANT" --host 127.0.0.1 --port "$PORT" --threads "$THREADS" \
-  --kv-cache-memory 512MiB >"$LOG" 2>&1 &
+  --max-model-len 512 --kv-cache-memory 512MiB >"$LOG" 2>&1 &
 PID=$!
 for _ in $(seq 1 900); do
   curl -sf -o /dev/null "http://127.0.0.1:$PORT/ready" && break

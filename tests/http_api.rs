@@ -148,7 +148,7 @@ async fn every_error_class_has_our_shape() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_key_guards_v1_only() {
+async fn api_key_guards_the_api_but_not_the_probes() {
     let server = start(|c| c.api_key = Some("s3cret".into())).await;
     let c = client();
     let body = completion(json!({}));
@@ -176,6 +176,17 @@ async fn api_key_guards_v1_only() {
         .await
         .expect("sent");
     assert_eq!(right.status(), 200);
+    for path in ["/tokenize", "/detokenize"] {
+        let body = json!({"model": MODEL, "prompt": "hi", "tokens": [1]});
+        let missing = c.post(url(&server, path)).json(&body).send().await;
+        assert_eq!(missing.expect("sent").status(), 401, "{path}");
+        let right = c
+            .post(url(&server, path))
+            .bearer_auth("s3cret")
+            .json(&body)
+            .send();
+        assert_eq!(right.await.expect("sent").status(), 200, "{path}");
+    }
     for path in ["/health", "/ready", "/metrics"] {
         assert_eq!(
             c.get(url(&server, path))

@@ -18,6 +18,9 @@ async fn disconnect_cancels_and_frees_kv_blocks() {
     let server = start(|_| {}).await;
     let kv = format!("vllm:kv_cache_usage_perc{{model_name=\"{MODEL}\"}}");
     let generated = format!("vllm:generation_tokens_total{{model_name=\"{MODEL}\"}}");
+    let finished = |reason: &str| {
+        format!("vllm:request_success_total{{finished_reason=\"{reason}\",model_name=\"{MODEL}\"}}")
+    };
     // Streaming: read a few chunks, then hang up.
     let mut response = client()
         .post(url(&server, "/v1/completions"))
@@ -38,6 +41,9 @@ async fn disconnect_cancels_and_frees_kv_blocks() {
         after_stream < 1900.0,
         "the stream ran to the end ({after_stream} tokens) instead of being cancelled"
     );
+    // Counted as aborted, never as finished by length (which a stream run to its end would be).
+    assert_eq!(metric(&server, &finished("abort")).await, 1.0);
+    assert_eq!(metric(&server, &finished("length")).await, 0.0);
     // Non-streaming: the client gives up after a moment.
     let mut body = long_stream(1900);
     body["stream"] = json!(false);
@@ -57,6 +63,8 @@ async fn disconnect_cancels_and_frees_kv_blocks() {
         after_plain - after_stream < 1900.0,
         "the plain request was not cancelled"
     );
+    assert_eq!(metric(&server, &finished("abort")).await, 2.0);
+    assert_eq!(metric(&server, &finished("length")).await, 0.0);
     // And the server still serves.
     let (status, _) = post(
         &server,

@@ -27,6 +27,50 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Compare result files of two servers: markdown table of ratios and a chart.
     Compare(CompareArgs),
+    /// Constant-rate mixed traffic (valid, invalid, streamed, abandoned) for minutes, then a
+    /// pass/fail verdict: statuses, lost requests, KV cache at the end, memory growth.
+    Soak(SoakArgs),
+}
+
+/// Flags of `mpt-bench soak`.
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// Completions endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8000/v1/completions")]
+    pub url: String,
+    /// `model` field of the valid requests.
+    #[arg(long, default_value = "mpt-demo")]
+    pub model: String,
+    /// Bearer token for servers started with an API key.
+    #[arg(long, env = "MPT_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests per second, evenly spaced.
+    #[arg(long, default_value_t = 4.0)]
+    pub rate: f64,
+    /// Seconds of load after the warm-up.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub duration: f64,
+    /// Seconds of the same load before the memory baseline is taken.
+    #[arg(long, default_value_t = 20.0, value_name = "SECS")]
+    pub warmup: f64,
+    /// Tokens each valid request generates.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// The server's process id, for its resident memory (without it RSS is not checked).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Prometheus endpoint of the server [default: /metrics on the --url host].
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+    /// Seed of the request mix.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    pub request_timeout: f64,
+    /// Write the verdict as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 /// Flags of `mpt-bench run`.
@@ -225,7 +269,7 @@ mod tests {
         all.extend_from_slice(args);
         Cli::try_parse_from(all).map(|c| match c.command {
             Command::Run(r) => *r,
-            Command::Compare(_) => panic!("expected run"),
+            other => panic!("expected run, got {other:?}"),
         })
     }
 

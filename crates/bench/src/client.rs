@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
-use crate::sse::{SseParser, parse_chunk};
+use crate::sse::{Chunk, SseParser, parse_chunk};
 use crate::stats::{RequestRecord, TimingSource};
 use crate::workload::PlannedRequest;
 
@@ -89,20 +89,49 @@ impl StreamTimer {
         }
     }
 
-    /// Handles one SSE event's data received at `now`; returns false once the stream is over.
-    pub fn on_event(&mut self, data: &str, now: Instant) -> bool {
-        let chunk = parse_chunk(data);
-        if let Some(e) = chunk.error {
-            self.record.error.get_or_insert(e);
-            self.done = true;
-            return false;
+    /// Handles the SSE events of one read of the stream, all received at `now`; returns false
+    /// once the stream is over. The gap since the previous read that carried text is spread
+    /// evenly over this read's text events: events that arrive in one read have no arrival
+    /// times of their own, and timing each at `now` would give zero gaps whenever the client
+    /// falls behind (as a busy machine makes it), so inter-token percentiles would swing with
+    /// the load instead of measuring the server. Text events that share the first text read
+    /// give no gap at all.
+    pub fn on_read(&mut self, events: &[String], now: Instant) -> bool {
+        let mut text_events = 0u32;
+        let mut open = true;
+        for data in events {
+            if !open {
+                break;
+            }
+            let (has_text, more) = self.on_chunk(&parse_chunk(data));
+            text_events += u32::from(has_text);
+            open = more;
         }
-        if chunk.text_choices > 0 {
+        if text_events > 0 {
             match self.last_text {
                 None => self.record.ttft_s = Some((now - self.sent).as_secs_f64()),
-                Some(prev) => self.record.itl_s.push((now - prev).as_secs_f64()),
+                Some(prev) => {
+                    let each = (now - prev).as_secs_f64() / f64::from(text_events);
+                    self.record
+                        .itl_s
+                        .extend(std::iter::repeat_n(each, text_events as usize));
+                }
             }
             self.last_text = Some(now);
+        }
+        open
+    }
+
+    /// Takes in what one chunk says; returns (whether it carried text, whether the stream is
+    /// still open).
+    fn on_chunk(&mut self, chunk: &Chunk) -> (bool, bool) {
+        if let Some(e) = &chunk.error {
+            self.record.error.get_or_insert(e.clone());
+            self.done = true;
+            return (false, false);
+        }
+        let has_text = chunk.text_choices > 0;
+        if has_text {
             self.text_chunks += 1;
         }
         if let Some(t) = chunk.timings {
@@ -120,7 +149,7 @@ impl StreamTimer {
         if chunk.done {
             self.done = true;
         }
-        !self.done
+        (has_text, !self.done)
     }
 
     /// Ends the request at `now` (with `error` if the transport failed) and returns its record.
@@ -212,10 +241,8 @@ async fn send_timed(
         let now = Instant::now();
         match item {
             Ok(bytes) => {
-                for data in parser.push(&bytes) {
-                    if !timer.on_event(&data, now) {
-                        return timer.finish(now, None);
-                    }
+                if !timer.on_read(&parser.push(&bytes), now) {
+                    return timer.finish(now, None);
                 }
             }
             Err(e) => {
@@ -225,7 +252,7 @@ async fn send_timed(
     }
     let now = Instant::now();
     if let Some(data) = parser.finish() {
-        timer.on_event(&data, now);
+        timer.on_read(&[data], now);
     }
     timer.finish(now, None)
 }
@@ -276,14 +303,17 @@ mod tests {
         let mut timer = StreamTimer::start(&planned(), 1.5);
         let at = |ms: u64| timer.sent + Duration::from_millis(ms);
         let (a, b, c, d) = (at(100), at(130), at(170), at(171));
-        assert!(timer.on_event(r#"{"choices":[{"text":"x"}]}"#, a));
-        assert!(timer.on_event(r#"{"choices":[{"text":"y"}]}"#, b));
-        assert!(timer.on_event(r#"{"choices":[{"text":"z","finish_reason":"length"}]}"#, c));
-        assert!(timer.on_event(
-            r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3},"timings":{"prompt_n":2,"prompt_ms":99.5}}"#,
+        let read = |events: &[&str]| events.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+        assert!(timer.on_read(&read(&[r#"{"choices":[{"text":"x"}]}"#]), a));
+        assert!(timer.on_read(&read(&[r#"{"choices":[{"text":"y"}]}"#]), b));
+        assert!(timer.on_read(
+            &read(&[
+                r#"{"choices":[{"text":"z","finish_reason":"length"}]}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3},"timings":{"prompt_n":2,"prompt_ms":99.5}}"#,
+            ]),
             c
         ));
-        assert!(!timer.on_event("[DONE]", d));
+        assert!(!timer.on_read(&read(&["[DONE]"]), d));
         let r = timer.finish(d, None);
         assert!(r.ok());
         assert_eq!(r.start_s, 1.5);
@@ -305,7 +335,7 @@ mod tests {
     fn timer_reports_errors_and_truncated_streams() {
         let mut timer = StreamTimer::start(&planned(), 0.0);
         let now = timer.sent;
-        assert!(!timer.on_event(r#"{"error":{"message":"engine died"}}"#, now));
+        assert!(!timer.on_read(&[r#"{"error":{"message":"engine died"}}"#.into()], now));
         assert_eq!(
             timer.finish(now, None).error.as_deref(),
             Some("engine died")
@@ -313,10 +343,31 @@ mod tests {
 
         let mut timer = StreamTimer::start(&planned(), 0.0);
         let now = timer.sent;
-        assert!(timer.on_event(r#"{"choices":[{"text":"x"}]}"#, now));
+        assert!(timer.on_read(&[r#"{"choices":[{"text":"x"}]}"#.into()], now));
         let r = timer.finish(now, None);
         assert_eq!(r.error.as_deref(), Some("stream ended without [DONE]"));
         // Without usage, output tokens are the text chunks counted.
         assert_eq!(r.output_tokens, 1);
+    }
+
+    #[test]
+    fn events_bunched_in_one_read_share_its_gap() {
+        let mut timer = StreamTimer::start(&planned(), 0.0);
+        let sent = timer.sent;
+        let at = |ms: u64| sent + Duration::from_millis(ms);
+        let text = |t: &str| format!(r#"{{"choices":[{{"text":"{t}"}}]}}"#);
+        assert!(timer.on_read(&[text("a")], at(50)));
+        // Four tokens reach the client together 40 ms later: 10 ms each, not 40, 0, 0, 0.
+        assert!(timer.on_read(&[text("b"), text("c"), text("d"), text("e")], at(90)));
+        assert!(timer.on_read(&[text("f")], at(100)));
+        assert!(!timer.on_read(&["[DONE]".into()], at(100)));
+        let r = timer.finish(at(100), None);
+        assert_eq!(r.itl_s.len(), 5);
+        assert!(
+            r.itl_s.iter().all(|&g| (g - 0.01).abs() < 1e-9),
+            "{:?}",
+            r.itl_s
+        );
+        assert_eq!(r.output_tokens, 6);
     }
 }

@@ -12,11 +12,12 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use mpt_bench::chart;
-use mpt_bench::cli::{Cli, Command, CompareArgs, RunArgs};
+use mpt_bench::cli::{Cli, Command, CompareArgs, RunArgs, SoakArgs};
 use mpt_bench::client::{Target, send};
 use mpt_bench::report::{RunResult, RunSettings, compare_markdown, console_table};
 use mpt_bench::runner::{Endpoint, Limits, run_level};
 use mpt_bench::scrape::{ServerProbe, scrape};
+use mpt_bench::soak::{self, SoakTarget};
 use mpt_bench::workload::plan_requests;
 
 fn main() -> Result<()> {
@@ -31,7 +32,106 @@ fn main() -> Result<()> {
             runtime.block_on(run(*args))
         }
         Command::Compare(args) => compare(args),
+        Command::Soak(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(soak(args))
+        }
     }
+}
+
+async fn soak(args: SoakArgs) -> Result<()> {
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate {}: must be a positive number", args.rate);
+    }
+    for (flag, secs) in [("--duration", args.duration), ("--warmup", args.warmup)] {
+        if !(secs.is_finite() && secs >= 0.0) {
+            bail!("{flag} {secs}: must be a number of seconds");
+        }
+    }
+    let metrics_url = match &args.metrics_url {
+        Some(url) => url.clone(),
+        None => mpt_bench::scrape::metrics_url(&args.url)
+            .with_context(|| format!("no /metrics URL can be made from {}", args.url))?,
+    };
+    let target = SoakTarget {
+        url: args.url.clone(),
+        metrics_url,
+        model: args.model.clone(),
+        api_key: args.api_key.clone(),
+        pid: args.server_pid,
+        max_tokens: args.max_tokens,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+    };
+    let client = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .context("building the HTTP client")?;
+    eprintln!(
+        "soak: {} req/s for {} s after a {} s warm-up against {}",
+        args.rate, args.duration, args.warmup, args.url
+    );
+    let report = soak::run(
+        &client,
+        &target,
+        args.rate,
+        Duration::from_secs_f64(args.duration),
+        Duration::from_secs_f64(args.warmup),
+        args.seed,
+    )
+    .await;
+    println!("{}", soak_table(&report));
+    if let Some(path) = &args.output {
+        write_json(path, &report)?;
+    }
+    for problem in &report.problems {
+        eprintln!("  {problem}");
+    }
+    if !report.pass {
+        bail!("soak failed: {}", report.failures.join("; "));
+    }
+    Ok(())
+}
+
+/// The verdict as a markdown table.
+fn soak_table(r: &soak::SoakReport) -> String {
+    let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    let sent: usize = r.sent.iter().map(|(_, n)| n).sum();
+    let mix: Vec<String> = r.sent.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let gauges: Vec<String> = r
+        .end_gauges
+        .iter()
+        .map(|(g, v)| format!("{g} = {v}"))
+        .collect();
+    let ttft = r.ttft_ms.as_ref().map_or("-".into(), |s| {
+        format!("p50 {:.1} ms, p99 {:.1} ms", s.p50, s.p99)
+    });
+    [
+        "| check | value |".to_string(),
+        "| --- | --- |".to_string(),
+        format!(
+            "| requests | {sent} in {:.0} s at {} req/s ({}) |",
+            r.duration_s,
+            r.rate,
+            mix.join(", ")
+        ),
+        format!("| unexpected statuses | {} |", r.unexpected_statuses),
+        format!("| lost or unfinished | {} |", r.lost),
+        format!("| at the end | {} |", gauges.join(", ")),
+        format!(
+            "| RSS | {} → {} ({}) |",
+            mib(r.rss_start),
+            mib(r.rss_end),
+            r.rss_growth_pct
+                .map_or("not measured".into(), |g| format!("{g:+.1}%"))
+        ),
+        format!("| TTFT of streams | {ttft} |"),
+        format!("| verdict | {} |", if r.pass { "pass" } else { "FAIL" }),
+    ]
+    .join("\n")
 }
 
 /// Progress bar for one level (hidden with --no-progress).
@@ -184,7 +284,7 @@ async fn probe_server(client: &reqwest::Client, args: &RunArgs) -> ServerProbe {
     probe
 }
 
-fn write_json(path: &Path, result: &RunResult) -> Result<()> {
+fn write_json(path: &Path, result: &impl serde::Serialize) -> Result<()> {
     let json = serde_json::to_string_pretty(result).expect("results serialize; this is a bug");
     std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
 }

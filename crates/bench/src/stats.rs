@@ -39,7 +39,8 @@ pub struct RequestRecord {
     pub ttft_s: Option<f64>,
     /// Seconds from sending to the end of the stream.
     pub e2e_s: f64,
-    /// Gaps in seconds between consecutive text-carrying chunks.
+    /// Inter-token gaps in seconds: the time between two reads of the stream that carried
+    /// text, spread evenly over the text chunks of the later read.
     pub itl_s: Vec<f64>,
     /// Prompt tokens as reported by the server's `usage`.
     pub prompt_tokens: Option<u64>,
@@ -178,7 +179,7 @@ pub struct LevelResult {
     pub output_length_mismatches: usize,
     /// Time to first token, ms.
     pub ttft_ms: Option<Summary>,
-    /// Gap between streamed chunks, ms.
+    /// Gap between streamed tokens (per read, spread over its chunks), ms.
     pub itl_ms: Option<Summary>,
     /// Time per output token after the first, (e2e − ttft) / (tokens − 1), ms.
     pub tpot_ms: Option<Summary>,

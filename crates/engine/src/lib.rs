@@ -21,8 +21,8 @@ pub mod sched;
 pub mod tokenizer;
 
 pub use api::config::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
-    Quantization,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
+    ModelSource, Quantization,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

@@ -89,7 +89,9 @@ pub(crate) mod tests {
         Tokenizer::from_bytes(crate::model::demo::TOKENIZER_JSON).expect("bundled tokenizer loads")
     }
 
-    const TEXTS: &[&str] = &[
+    /// Texts that exercise byte-level BPE: punctuation, emoji and ZWJ sequences, CJK, runs of
+    /// whitespace, accents.
+    pub(crate) const TEXTS: &[&str] = &[
         "Hello, world! This is a test.",
         "emoji: 🦀🚀 and 👩‍👩‍👧 family",
         "中文测试：你好，世界。日本語もテスト。",

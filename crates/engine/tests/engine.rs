@@ -29,6 +29,7 @@ struct Output {
     finish: Vec<Option<FinishReason>>,
     completed: bool,
     prompt_logprobs: usize,
+    completion_tokens: usize,
 }
 
 fn collect(mut stream: EventStream) -> Output {
@@ -54,8 +55,9 @@ fn collect(mut stream: EventStream) -> Output {
                 );
             }
             Event::PromptLogprobs(lp) => out.prompt_logprobs = lp.len(),
-            Event::Completed { .. } => {
+            Event::Completed { usage, .. } => {
                 out.completed = true;
+                out.completion_tokens = usage.completion_tokens;
                 break;
             }
             Event::Failed(message) => panic!("request failed: {message}"),
@@ -82,22 +84,38 @@ fn wait_until(engine: &EngineHandle, what: &str, cond: impl Fn(&mpt_engine::Engi
     }
 }
 
-fn solo_and_batched(e: &EngineHandle, reqs: &[GenerateRequest]) -> (Vec<Output>, Vec<Output>) {
+/// Each request alone, then all at once on a second engine of the same settings, so that the
+/// batched run computes every prompt itself instead of finding it in the prefix cache.
+fn solo_and_batched(
+    make: impl Fn() -> EngineHandle,
+    reqs: &[GenerateRequest],
+) -> (Vec<Output>, Vec<Output>) {
+    let alone = make();
     let solo: Vec<Output> = reqs
         .iter()
-        .map(|r| collect(e.submit(r.clone()).expect("accepted")))
+        .map(|r| collect(alone.submit(r.clone()).expect("accepted")))
         .collect();
+    drop(alone);
+    let together = make();
     let streams: Vec<EventStream> = reqs
         .iter()
-        .map(|r| e.submit(r.clone()).expect("accepted"))
+        .map(|r| together.submit(r.clone()).expect("accepted"))
         .collect();
     let batched = streams.into_iter().map(collect).collect();
+    let stats = together.stats();
+    assert_eq!(
+        stats.prefix_cache_hits, 0,
+        "the batched run computed every prompt"
+    );
+    wait_until(&together, "idle", |s| {
+        s.kv_blocks_used == 0 && s.num_running == 0
+    });
     (solo, batched)
 }
 
 #[test]
 fn sixteen_concurrent_greedy_requests_match_solo_runs() {
-    let e = engine(|c| c.max_num_batched_tokens = 64); // forces chunked prefill too
+    let make = || engine(|c| c.max_num_batched_tokens = 64); // forces chunked prefill too
     let reqs: Vec<GenerateRequest> = (0..18)
         .map(|i| {
             request(
@@ -106,13 +124,13 @@ fn sixteen_concurrent_greedy_requests_match_solo_runs() {
             )
         })
         .collect();
-    let (solo, batched) = solo_and_batched(&e, &reqs);
+    let (solo, batched) = solo_and_batched(make, &reqs);
+    assert_eq!((solo.len(), batched.len()), (reqs.len(), reqs.len()));
     for (i, (s, b)) in solo.iter().zip(&batched).enumerate() {
         assert!(s.completed && b.completed);
         assert_eq!(s.tokens[0].len(), reqs[i].stop.max_tokens);
         assert_eq!(s, b, "request {i} differs when batched");
     }
-    wait_until(&e, "idle", |s| s.kv_blocks_used == 0 && s.num_running == 0);
 }
 
 /// A copy of a fixture checkpoint with the real tokenizer added (the fixtures ship without one).
@@ -142,11 +160,13 @@ fn fixture_models_give_solo_outputs_in_a_mixed_batch() {
         "qkln-bias-bin-sharded",
     ] {
         let dir = fixture_dir(name);
-        let e = engine(|c| {
-            c.model = mpt_engine::ModelSource::Dir(dir.clone());
-            c.block_size = 4;
-            c.max_num_batched_tokens = 24;
-        });
+        let make = || {
+            engine(|c| {
+                c.model = mpt_engine::ModelSource::Dir(dir.clone());
+                c.block_size = 4;
+                c.max_num_batched_tokens = 24;
+            })
+        };
         let reqs: Vec<GenerateRequest> = (0..16u32)
             .map(|i| {
                 let p = (0..1 + (i as usize * 7) % 40)
@@ -155,10 +175,8 @@ fn fixture_models_give_solo_outputs_in_a_mixed_batch() {
                 request(p, 3 + (i as usize * 5) % 20)
             })
             .collect();
-        let (solo, batched) = solo_and_batched(&e, &reqs);
+        let (solo, batched) = solo_and_batched(make, &reqs);
         assert_eq!(solo, batched, "fixture {name}");
-        wait_until(&e, "idle", |s| s.kv_blocks_used == 0);
-        drop(e);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -175,7 +193,7 @@ fn engine_start_reports_load_errors() {
 
 #[test]
 fn seeded_sampling_is_the_same_alone_and_batched() {
-    let e = engine(|_| {});
+    let make = || engine(|_| {});
     // Prompts longer than the skinny kernel's 32 rows: a solo prefill then goes through the same
     // matmul kernel as the batched one. (The forward pass is not bitwise batch-invariant: a
     // short prompt alone takes the skinny kernel, batched with others the blocked GEMM, and at
@@ -192,7 +210,7 @@ fn seeded_sampling_is_the_same_alone_and_batched() {
             r
         })
         .collect();
-    let (solo, batched) = solo_and_batched(&e, &reqs);
+    let (solo, batched) = solo_and_batched(make, &reqs);
     assert_eq!(solo, batched);
     // Different seeds give different streams (the sampler really samples).
     assert_ne!(solo[0].tokens, solo[1].tokens);
@@ -223,6 +241,7 @@ fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
     let tight = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(14);
+        c.max_model_len = Some(56);
     });
     let streams: Vec<EventStream> = reqs
         .iter()
@@ -380,6 +399,11 @@ fn n_and_best_of_fork_from_one_prefill() {
     let b = collect(e.submit(r).expect("ok"));
     assert_eq!(a, b, "seeded best_of is reproducible");
     assert_eq!((a.tokens.len(), a.finish.len()), (2, 2));
+    assert_eq!(
+        a.completion_tokens,
+        4 * 12,
+        "usage counts all best_of sequences"
+    );
     assert!(a.finish.iter().all(|f| *f == Some(FinishReason::Length)));
     wait_until(&e, "idle", |s| s.kv_blocks_used == 0);
 }
@@ -392,6 +416,14 @@ fn prompt_logprobs_and_max_tokens_zero() {
     let out = collect(e.submit(r).expect("ok"));
     assert_eq!(out.prompt_logprobs, 7);
     assert_eq!(out.finish, vec![Some(FinishReason::Length)]);
+    assert!(out.completed);
+    // best_of > n with nothing to generate: each of the n choices ends once, by length.
+    let mut r = request(prompt(601, 7), 0);
+    r.n = 2;
+    r.best_of = 3;
+    let out = collect(e.submit(r).expect("ok"));
+    assert_eq!(out.finish, vec![Some(FinishReason::Length); 2]);
+    assert_eq!(out.completion_tokens, 0);
     assert!(out.completed);
 }
 
@@ -427,20 +459,65 @@ fn submit_rejects_what_can_never_run() {
             max_sequences: 4
         }
     );
-    let small = engine(|c| {
+}
+
+#[test]
+fn a_pool_that_cannot_hold_one_full_length_sequence_is_refused_at_start() {
+    let err = EngineHandle::start(EngineConfig {
+        block_size: 4,
+        kv_cache: KvCacheSize::Blocks(3),
+        ..Default::default()
+    })
+    .expect_err("12 tokens of KV cache for a 2048-token context");
+    let text = err.to_string();
+    assert!(
+        text.contains("--num-kv-blocks") && text.contains("--max-model-len 2048"),
+        "{text}"
+    );
+    let fits = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(3);
+        c.max_model_len = Some(12);
     });
-    assert_eq!(
-        small
-            .submit(request(prompt(1, 10), 5))
-            .expect_err("cache too small"),
-        SubmitError::KvCacheTooSmall {
-            prompt_tokens: 10,
-            max_tokens: 5,
-            cache_tokens: 12
-        }
+    assert_eq!(fits.model_info().max_model_len, 12);
+}
+
+#[test]
+fn no_waiting_room_still_serves_what_can_start_at_once() {
+    let e = engine(|c| {
+        c.max_num_seqs = 2;
+        c.max_queue_size = 0;
+    });
+    let out = collect(
+        e.submit(request(prompt(800, 5), 3))
+            .expect("an idle engine serves"),
     );
+    assert!(out.completed);
+    wait_until(&e, "idle", |s| s.num_running == 0 && s.num_waiting == 0);
+    let running: Vec<EventStream> = (0..2)
+        .map(|i| {
+            e.submit(request(prompt(801 + i, 5), 500))
+                .expect("a free slot each")
+        })
+        .collect();
+    assert_eq!(
+        e.submit(request(prompt(809, 5), 3))
+            .expect_err("both slots taken"),
+        SubmitError::QueueFull
+    );
+    let mut forks = request(prompt(810, 5), 3);
+    forks.best_of = 2;
+    assert_eq!(
+        e.submit(forks).expect_err("no room for two"),
+        SubmitError::QueueFull
+    );
+    drop(running);
+    // Idle once the engine has taken in all three accepted prompts and dropped the two.
+    wait_until(&e, "idle", |s| {
+        s.prompt_tokens == 15 && s.num_running == 0 && s.num_waiting == 0
+    });
+    let out = collect(e.submit(request(prompt(811, 5), 3)).expect("served again"));
+    assert!(out.completed);
 }
 
 #[test]

@@ -112,6 +112,11 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 }
 
 fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(
+        ours.len(),
+        reference.len(),
+        "compared vectors differ in length"
+    );
     let diff: f32 = ours
         .iter()
         .zip(reference)

@@ -123,6 +123,7 @@ fn dummy_without_config_json_says_so() {
 fn dummy_demo_model_generates() {
     let engine = EngineHandle::start(EngineConfig {
         kv_cache: KvCacheSize::Blocks(64),
+        max_model_len: Some(1024),
         ..config(ModelSource::Demo, LoadFormat::Dummy)
     })
     .expect("dummy demo starts");

@@ -193,18 +193,6 @@ impl From<SubmitError> for ApiError {
                 ),
                 Some(CONTEXT_LENGTH_EXCEEDED),
             ),
-            SubmitError::KvCacheTooSmall {
-                prompt_tokens,
-                max_tokens,
-                cache_tokens,
-            } => invalid(
-                "max_tokens",
-                format!(
-                    "the request needs {} tokens of KV cache ({prompt_tokens} in the prompt, {max_tokens} for the completion) but the whole cache holds {cache_tokens}",
-                    prompt_tokens + max_tokens
-                ),
-                Some(CONTEXT_LENGTH_EXCEEDED),
-            ),
             SubmitError::ChoiceCount {
                 n,
                 best_of,

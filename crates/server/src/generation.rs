@@ -4,7 +4,9 @@
 //! Invariants: a [`Generation`] owns the engine event receivers, so dropping it (client gone,
 //! handler cancelled) cancels every engine request it submitted and frees their KV blocks; it
 //! also owns the [`Admission`], so the in-flight count drops exactly when it does; exactly one
-//! log line is written per generation, in `Drop`.
+//! log line is written per generation, in `Drop`, with the tokens actually produced (also for a
+//! cancelled one); every engine request is counted once in the finished-requests metric, those
+//! cancelled by the client as `abort`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -62,6 +64,11 @@ pub struct Generation {
     route: &'static str,
     started: Instant,
     remaining: usize,
+    /// Per prompt: its token count, and whether its engine request completed.
+    prompt_tokens: Vec<usize>,
+    completed: Vec<bool>,
+    /// Per prompt: output tokens received so far (what a cancelled request still produced).
+    streamed: Vec<usize>,
     first_reason: Vec<Option<FinishReason>>,
     last_token: HashMap<(usize, usize), Instant>,
     first_token: Option<Duration>,
@@ -82,6 +89,7 @@ impl Generation {
     ) -> Result<Self, ApiError> {
         let mut events = SelectAll::new();
         let count = requests.len();
+        let prompt_tokens = requests.iter().map(|r| r.prompt_token_ids.len()).collect();
         for (prompt, request) in requests.into_iter().enumerate() {
             let receiver = loaded.engine.submit(request)?;
             events.push(
@@ -98,6 +106,9 @@ impl Generation {
             route,
             started: Instant::now(),
             remaining: count,
+            prompt_tokens,
+            completed: vec![false; count],
+            streamed: vec![0; count],
             first_reason: vec![None; count],
             last_token: HashMap::new(),
             first_token: None,
@@ -130,6 +141,9 @@ impl Generation {
             Event::Delta(delta) => {
                 let now = Instant::now();
                 let tokens = delta.token_ids.len();
+                if let Some(streamed) = self.streamed.get_mut(prompt) {
+                    *streamed += tokens;
+                }
                 if tokens > 0 {
                     self.first_token.get_or_insert(now - self.started);
                     if let Some(last) = self.last_token.insert((prompt, delta.index), now) {
@@ -160,6 +174,9 @@ impl Generation {
                     .flatten()
                     .unwrap_or(FinishReason::Length);
                 metrics.request_finished(reason, &timings);
+                if let Some(done) = self.completed.get_mut(prompt) {
+                    *done = true;
+                }
                 self.remaining = self.remaining.saturating_sub(1);
                 if self.remaining == 0 {
                     self.finished = true;
@@ -186,13 +203,25 @@ impl Drop for Generation {
             "failed" => 500,
             _ => 499,
         };
+        // Prompts whose engine request never completed: cancelled by the client (or cut short
+        // by a failure elsewhere in the generation), counted as aborted with what they produced.
+        let mut completion_tokens = self.usage.completion_tokens;
+        let elapsed = self.started.elapsed();
+        for (prompt, done) in self.completed.iter().enumerate() {
+            if !done {
+                completion_tokens += self.streamed[prompt];
+                if self.outcome != "failed" {
+                    self.state.metrics().request_aborted(elapsed);
+                }
+            }
+        }
         tracing::info!(
             request_id = %self.request_id,
             route = self.route,
             status,
             outcome = self.outcome,
-            prompt_tokens = self.usage.prompt_tokens,
-            completion_tokens = self.usage.completion_tokens,
+            prompt_tokens = self.prompt_tokens.iter().sum::<usize>(),
+            completion_tokens,
             ttft_ms = self.first_token.map(|d| d.as_millis() as u64),
             total_ms = self.started.elapsed().as_millis() as u64,
             "request"

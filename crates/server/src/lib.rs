@@ -40,19 +40,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{ConfigError, LogFormat, ServerConfig};
 use crate::error::ApiError;
 use crate::state::{AppState, Loaded, StateConfig};
 
-/// Longest wait for a client to send its request headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest wait for a client to send its request body.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long open connections get to finish after the drain before the server exits.
 pub const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How often the server checks that the engine thread is alive; once it is dead the server
+/// exits with an error, so that a supervisor (Kubernetes) restarts it.
+pub const ENGINE_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +75,9 @@ pub enum ServerError {
     /// The engine loader thread panicked.
     #[error("the engine loader panicked")]
     LoaderPanicked,
+    /// The engine thread died while serving; the process should be restarted.
+    #[error("the engine thread died; exiting so that the server is restarted")]
+    EngineDied,
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -105,25 +106,25 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
 pub fn app(state: AppState) -> Router {
     let cors_allow_origin = state.config().cors_allow_origin.clone();
     use routes::*;
-    let v1 = Router::new()
+    // The API proper, behind the API key; probes and metrics stay open.
+    let api = Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models::list_models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
     let router = Router::new()
-        .merge(v1)
+        .merge(api)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state);
@@ -193,6 +194,15 @@ impl RunningServer {
         &self.state
     }
 
+    /// Waits until the server stops by itself (the engine died), without triggering a drain.
+    pub async fn stopped(mut self) -> Result<(), ServerError> {
+        let result = (&mut self.task)
+            .await
+            .map_err(|_| ServerError::LoaderPanicked)?;
+        self.stop.take();
+        result
+    }
+
     /// Triggers the same drain as SIGTERM and waits for the server to stop.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         if let Some(stop) = self.stop.take() {
@@ -251,6 +261,7 @@ fn new_state(config: &ServerConfig) -> AppState {
         api_key: config.api_key.clone(),
         max_inflight: config.max_num_seqs.saturating_add(config.max_queue_size),
         cors_allow_origin: config.cors_allow_origin.clone(),
+        timeouts: config.timeouts,
     })
 }
 
@@ -286,7 +297,7 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(config.timeouts.header_read);
     let graceful = GracefulShutdown::new();
     let drain_state = state.clone();
     let shutdown_timeout = config.shutdown_timeout;
@@ -295,6 +306,8 @@ async fn serve(
         shutdown::drain(&drain_state, shutdown_timeout).await;
     };
     tokio::pin!(drained);
+    let mut watch = tokio::time::interval(ENGINE_WATCH_INTERVAL);
+    let mut outcome = Ok(());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -332,6 +345,13 @@ async fn serve(
                     Err(_) => return Err(ServerError::LoaderPanicked),
                 }
             }
+            _ = watch.tick(), if !loading => {
+                if state.loaded().is_ok_and(|l| !l.engine.is_alive()) {
+                    tracing::error!("the engine thread died: failing what is in flight and exiting");
+                    outcome = Err(ServerError::EngineDied);
+                    break;
+                }
+            }
             _ = &mut drained => break,
         }
     }
@@ -342,6 +362,8 @@ async fn serve(
     {
         tracing::warn!("some connections were still open at exit");
     }
-    tracing::info!("shut down cleanly");
-    Ok(())
+    if outcome.is_ok() {
+        tracing::info!("shut down cleanly");
+    }
+    outcome
 }

@@ -262,6 +262,17 @@ impl Metrics {
             .observe(timings.total.as_secs_f64());
     }
 
+    /// Records an engine request the client cancelled before it finished (vLLM counts these
+    /// as `finished_reason="abort"`), `total` after it was submitted.
+    pub fn request_aborted(&self, total: Duration) {
+        self.request_success
+            .with_label_values(&[self.model_name.as_str(), finish_reason(FinishReason::Abort)])
+            .inc();
+        self.e2e
+            .with_label_values(&[self.model_name.as_str()])
+            .observe(total.as_secs_f64());
+    }
+
     /// Records the gap before `tokens` new output tokens (spread evenly over them).
     pub fn inter_token(&self, gap: Duration, tokens: usize) {
         if tokens == 0 {

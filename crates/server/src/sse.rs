@@ -14,9 +14,6 @@ use serde::Serialize;
 
 use crate::error::ApiError;
 
-/// Interval of `: keep-alive` comments on an idle stream.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-
 /// `data: <json>`.
 pub fn json<T: Serialize>(value: &T) -> Event {
     Event::default()
@@ -33,17 +30,14 @@ pub fn done() -> Event {
     Event::default().data("[DONE]")
 }
 
-/// Wraps an event stream in a `text/event-stream` response with keep-alive comments.
-pub fn sse_response<S>(events: S) -> Response
+/// Wraps an event stream in a `text/event-stream` response with a `: keep-alive` comment
+/// whenever nothing was sent for `keep_alive`.
+pub fn sse_response<S>(events: S, keep_alive: Duration) -> Response
 where
     S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
     let mut response = Sse::new(events)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(KEEP_ALIVE_INTERVAL)
-                .text("keep-alive"),
-        )
+        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
         .into_response();
     // Tell reverse proxies (nginx) not to buffer the stream.
     response.headers_mut().insert(

@@ -14,6 +14,7 @@ use mpt_engine::EngineHandle;
 use tokio::sync::Notify;
 
 use crate::chat_template::ChatTemplate;
+use crate::config::Timeouts;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -31,6 +32,8 @@ pub struct StateConfig {
     pub max_inflight: usize,
     /// CORS origins (`*` for any); empty disables CORS.
     pub cors_allow_origin: Vec<String>,
+    /// Client timeouts and the keep-alive interval of streams.
+    pub timeouts: Timeouts,
 }
 
 /// What exists only after the model loaded.

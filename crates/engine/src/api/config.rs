@@ -162,6 +162,18 @@ pub struct EngineConfig {
     /// Fraction of the GPU's memory the process may use, in (0, 1]; sizes a
     /// [`KvCacheSize::Auto`] cache on a GPU, ignored on the CPU.
     pub gpu_memory_utilization: f64,
+    /// Failures to inject, for tests of the failure paths; none by default, and no flag, env
+    /// var or config key of the server sets one.
+    pub faults: FaultPlan,
+}
+
+/// Faults the engine injects on purpose (steps count from 1, every scheduled step once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FaultPlan {
+    /// The forward pass of this step fails, as a real one can (the requests in it fail).
+    pub fail_forward_at_step: Option<u64>,
+    /// The engine thread panics at this step, outside any recovery, and dies.
+    pub kill_engine_at_step: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -183,6 +195,7 @@ impl Default for EngineConfig {
             load_format: LoadFormat::Auto,
             attention_kernels: AttentionKernels::CandleOps,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            faults: FaultPlan::default(),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The server's view of the engine: start it, submit requests, read stats, shut it down.
 //!
 //! Invariants: `submit` never blocks — it validates the request, then `try_send`s it into a
-//! bounded channel; at most `max_queue_size` requests are accepted but not yet scheduled
-//! (`QueueFull` beyond that). After `begin_shutdown` every submit is `ShuttingDown`. Each request
+//! bounded channel; beyond the requests that can start at once, at most `max_queue_size` are
+//! accepted but not yet scheduled (`QueueFull` beyond that; 0 means no waiting room, and an idle
+//! engine still serves). After `begin_shutdown` every submit is `ShuttingDown`. Each request
 //! gets its own unbounded event channel, so the engine thread never waits on a slow client;
 //! dropping the receiver cancels the request. The engine thread is joined when the last clone
 //! of the handle is dropped.
@@ -98,7 +99,9 @@ impl EngineHandle {
         }
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::SeqCst);
-        let (sender, receiver) = std::sync::mpsc::sync_channel(config.max_queue_size.max(1));
+        // Room for the waiting room plus the requests that start at once.
+        let capacity = config.max_queue_size + config.max_num_seqs;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(capacity);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -141,9 +144,9 @@ impl EngineHandle {
             return Err(SubmitError::EngineStopped);
         }
         validate(&request, &inner.limits)?;
-        let pending = &inner.shared.pending;
-        if pending.fetch_add(1, Ordering::SeqCst) >= inner.limits.max_queue_size {
-            pending.fetch_sub(1, Ordering::SeqCst);
+        let (shared, limits) = (&inner.shared, &inner.limits);
+        let seqs = request.best_of;
+        if !shared.try_enqueue(seqs, limits.max_num_seqs, limits.max_queue_size) {
             return Err(SubmitError::QueueFull);
         }
         let (events, stream) = tokio::sync::mpsc::unbounded_channel();
@@ -159,7 +162,7 @@ impl EngineHandle {
         match sender.try_send(Command::Submit(Box::new(submission))) {
             Ok(()) => Ok(stream),
             Err(e) => {
-                pending.fetch_sub(1, Ordering::SeqCst);
+                shared.dequeue(seqs);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull,
                     TrySendError::Disconnected(_) => SubmitError::EngineStopped,

@@ -199,16 +199,6 @@ pub enum SubmitError {
         /// The longest prompt + completion accepted.
         max_model_len: usize,
     },
-    /// Prompt plus completion need more KV slots than the whole cache has.
-    #[error("{prompt_tokens} + {max_tokens} tokens exceed the KV cache of {cache_tokens}")]
-    KvCacheTooSmall {
-        /// Tokens in the prompt.
-        prompt_tokens: usize,
-        /// Tokens asked for the completion.
-        max_tokens: usize,
-        /// Token slots in the whole KV pool.
-        cache_tokens: usize,
-    },
     /// `n` is 0, `best_of` is below `n`, or `best_of` sequences could never run at once.
     #[error("n = {n}, best_of = {best_of} (at most {max_sequences} sequences)")]
     ChoiceCount {

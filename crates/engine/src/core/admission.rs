@@ -1,17 +1,16 @@
 //! The checks `submit` makes before a request enters the queue: what can never run is refused
-//! at once, on the caller's thread, with the numbers involved (the server words them).
+//! at once, on the caller's thread, with the numbers involved (the server words them). The KV
+//! pool always holds one `max_model_len` sequence (checked when it is sized), so a request
+//! within the context limit always fits the cache.
 
 use crate::api::types::{GenerateRequest, LogprobsOf, SamplingParam, SubmitError};
 use crate::decode::sampler::MAX_TOP_LOGPROBS;
-use crate::sched::sequence::blocks_for;
 
 /// What `submit` checks a request against.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub(crate) max_model_len: usize,
     pub(crate) vocab_size: usize,
-    pub(crate) num_blocks: usize,
-    pub(crate) block_size: usize,
     pub(crate) max_num_seqs: usize,
     pub(crate) max_queue_size: usize,
 }
@@ -38,13 +37,6 @@ pub(crate) fn validate(req: &GenerateRequest, limits: &Limits) -> Result<(), Sub
             prompt_tokens,
             max_tokens,
             max_model_len: limits.max_model_len,
-        });
-    }
-    if blocks_for(prompt_tokens + max_tokens, limits.block_size) > limits.num_blocks {
-        return Err(SubmitError::KvCacheTooSmall {
-            prompt_tokens,
-            max_tokens,
-            cache_tokens: limits.num_blocks * limits.block_size,
         });
     }
     if req.n == 0 || req.best_of < req.n || req.best_of > limits.max_num_seqs {

@@ -1,12 +1,14 @@
 //! What the handle and the engine thread share: the submission channel's messages and a few
 //! atomics and the latest stats, read by the handle without a round trip to the engine thread.
 //!
-//! Invariants: `pending` counts requests accepted by `submit` and not yet scheduled or dropped;
-//! `alive` turns false exactly when the engine thread ends, by return or by panic
-//! ([`AliveGuard`]).
+//! Invariants: `pending` counts the requests (and their sequences) accepted by `submit` and not
+//! yet scheduled or dropped; a request is accepted when it can start at once (its sequences fit
+//! next to the running and pending ones within `max_num_seqs`) or when fewer than
+//! `max_queue_size` requests are waiting; `alive` turns false exactly when the engine thread
+//! ends, by return or by panic ([`AliveGuard`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -40,7 +42,46 @@ pub(crate) struct Shared {
     /// Set by `abort_all`, cleared by the engine thread when it acted on it.
     pub(crate) abort_all: AtomicBool,
     /// Requests accepted by `submit` and not yet scheduled (or dropped).
-    pub(crate) pending: AtomicUsize,
+    pub(crate) pending: Mutex<Pending>,
+    /// Sequence slots the scheduler's running sequences take (forks to come included).
+    pub(crate) running_slots: AtomicUsize,
+}
+
+/// Accepted requests not yet scheduled.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pending {
+    /// How many.
+    pub(crate) requests: usize,
+    /// Their sequences (`best_of` each).
+    pub(crate) seqs: usize,
+}
+
+impl Shared {
+    /// Takes a place for a request of `seqs` sequences, if it can start at once or the waiting
+    /// room of `max_queue_size` requests has space.
+    pub(crate) fn try_enqueue(
+        &self,
+        seqs: usize,
+        max_num_seqs: usize,
+        max_queue_size: usize,
+    ) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let running = self.running_slots.load(Ordering::SeqCst);
+        let starts_now = running + pending.seqs + seqs <= max_num_seqs;
+        if !starts_now && pending.requests >= max_queue_size {
+            return false;
+        }
+        pending.requests += 1;
+        pending.seqs += seqs;
+        true
+    }
+
+    /// Gives back the place of a request of `seqs` sequences (scheduled, dropped or refused).
+    pub(crate) fn dequeue(&self, seqs: usize) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.requests = pending.requests.saturating_sub(1);
+        pending.seqs = pending.seqs.saturating_sub(seqs);
+    }
 }
 
 /// Marks the engine dead when the engine thread ends, even by panic.

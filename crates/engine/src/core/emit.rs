@@ -84,13 +84,14 @@ impl Engine {
         self.complete(key);
     }
 
-    /// Sends the final events of a request whose choices all finished, and forgets it.
+    /// Sends the final events of a request whose choices all finished, and forgets it. With
+    /// `best_of > n` the best `n` choices (by cumulative logprob) are sent now, renumbered.
     fn complete(&mut self, key: u64) {
         let Some(mut req) = self.forget(key) else {
             return;
         };
-        let mut returned: Vec<&mut Choice> = req.choices.iter_mut().collect();
-        if req.req.best_of > req.req.n {
+        if req.buffered() {
+            let mut returned: Vec<&mut Choice> = req.choices.iter_mut().collect();
             returned.sort_by(|a, b| b.cum_logprob.total_cmp(&a.cum_logprob));
             returned.truncate(req.req.n);
             for (index, choice) in returned.iter_mut().enumerate() {
@@ -114,7 +115,13 @@ impl Engine {
                 let _ = req.events.send(Event::ChoiceFinished { index, reason });
             }
         }
-        let completion_tokens = returned.iter().map(|c| c.num_tokens).sum();
+        Self::send_completed(&req);
+    }
+
+    /// The request's last event. `completion_tokens` counts every generated sequence, the
+    /// `best_of - n` not returned included, as OpenAI bills them.
+    fn send_completed(req: &Request) {
+        let completion_tokens = req.choices.iter().map(|c| c.num_tokens).sum();
         let now = Instant::now();
         let scheduled = req.scheduled_at.unwrap_or(now);
         let timings = Timings {
@@ -170,17 +177,17 @@ impl Engine {
         let now = Instant::now();
         req.prefill_done_at.get_or_insert(now);
         if req.req.stop.max_tokens == 0 {
-            req.forked = true;
-            for choice in &mut req.choices {
-                choice.finish = Some(FinishReason::Length);
-            }
+            // Nothing is generated (prompt logprobs only): all `n` choices end at once, empty,
+            // whatever `best_of` is, and there is nothing to rank.
             for index in 0..req.req.n {
                 req.send(Event::ChoiceFinished {
                     index,
                     reason: FinishReason::Length,
                 });
             }
-            self.complete(key);
+            if let Some(req) = self.forget(key) {
+                Self::send_completed(&req);
+            }
             return;
         }
         let slots: Vec<usize> = if req.forked {

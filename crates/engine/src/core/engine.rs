@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::channel::{AliveGuard, Command, Shared, Submission};
 use super::load::{Loaded, Ready, load};
 use super::request::Request;
-use crate::api::config::EngineConfig;
+use crate::api::config::{EngineConfig, FaultPlan};
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{EngineStats, Event, LoadProgress};
 use crate::kv::KvCache;
@@ -77,6 +77,10 @@ fn threads_pool(config: &EngineConfig) -> Result<Option<rayon::ThreadPool>> {
 /// Everything the engine thread owns. Fields are shared with `emit.rs`, which turns logits
 /// into events.
 pub(super) struct Engine {
+    /// First field, so it is dropped first: when the engine ends (even by panic) it is marked
+    /// dead before the requests' event senders close, so a client that sees its stream fail
+    /// already finds the engine dead.
+    _alive: AliveGuard,
     pub(super) model: Mpt,
     pub(super) cache: KvCache,
     pub(super) sched: Scheduler,
@@ -90,11 +94,15 @@ pub(super) struct Engine {
     pub(super) next_request: u64,
     pub(super) prompt_tokens: u64,
     pub(super) generation_tokens: u64,
+    /// Steps scheduled so far (what [`FaultPlan`] counts).
+    steps: u64,
+    faults: FaultPlan,
 }
 
 impl Engine {
     fn new(loaded: Loaded, shared: Arc<Shared>) -> Self {
         let engine = Self {
+            _alive: AliveGuard(Arc::clone(&shared)),
             model: loaded.model,
             cache: loaded.cache,
             sched: loaded.sched,
@@ -106,6 +114,8 @@ impl Engine {
             next_request: 0,
             prompt_tokens: 0,
             generation_tokens: 0,
+            steps: 0,
+            faults: loaded.faults,
         };
         engine.publish_stats();
         engine
@@ -158,9 +168,10 @@ impl Engine {
         let key = self.next_request;
         self.next_request += 1;
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
-        let seq = self.sched.add(
+        let seq = self.sched.add_forking(
             request.prompt_token_ids.clone(),
             request.prompt_logprobs.is_some(),
+            request.best_of - 1,
         );
         self.prompt_tokens += request.prompt_token_ids.len() as u64;
         let mut req = Request {
@@ -191,7 +202,7 @@ impl Engine {
             }
         }
         if req.scheduled_at.is_none() {
-            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            self.shared.dequeue(req.req.best_of);
         }
         Some(req)
     }
@@ -222,6 +233,14 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(1));
             return;
         }
+        self.steps += 1;
+        if self.faults.kill_engine_at_step == Some(self.steps) {
+            // Outside run_model's catch_unwind: the thread really dies, as after a bug.
+            panic!(
+                "injected fault: the engine thread dies at step {}",
+                self.steps
+            );
+        }
         let now = Instant::now();
         for id in &step.seq_ids {
             if let Some(&(key, _)) = self.owner.get(id)
@@ -229,7 +248,10 @@ impl Engine {
                 && req.scheduled_at.is_none()
             {
                 req.scheduled_at = Some(now);
-                self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+                self.shared
+                    .running_slots
+                    .store(self.sched.slots_taken(), Ordering::SeqCst);
+                self.shared.dequeue(req.req.best_of);
             }
         }
         let logits = match self.run_model(&step) {
@@ -260,6 +282,12 @@ impl Engine {
 
     /// Applies the step's block copies and runs the forward pass, catching panics.
     fn run_model(&mut self, step: &ScheduledStep) -> Result<Vec<f32>, String> {
+        if self.faults.fail_forward_at_step == Some(self.steps) {
+            return Err(format!(
+                "forward pass failed: injected fault at step {}",
+                self.steps
+            ));
+        }
         let (model, cache) = (&self.model, &mut self.cache);
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>> {
             for &(src, dst) in &step.copies {
@@ -292,6 +320,9 @@ impl Engine {
             });
             running += usize::from(any_running);
         }
+        self.shared
+            .running_slots
+            .store(self.sched.slots_taken(), Ordering::SeqCst);
         let alloc = self.sched.allocator();
         let stats = EngineStats {
             num_waiting: self.requests.len() - running,

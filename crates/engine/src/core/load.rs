@@ -9,13 +9,13 @@ use candle_core::{DType, Device};
 
 use super::admission::Limits;
 use crate::api::config::{
-    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, LoadFormat,
-    ModelSource,
+    AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, FaultPlan,
+    LoadFormat, ModelSource,
 };
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{LoadProgress, ModelInfo};
 use crate::kv::KvCache;
-use crate::kv::budget::{fixed_kv_cache_blocks, gib};
+use crate::kv::budget::{PoolNeeds, fixed_kv_cache_blocks, gib};
 use crate::model::Mpt;
 use crate::model::config::MptConfig;
 use crate::model::gguf::GgufFile;
@@ -37,6 +37,7 @@ pub(crate) struct Loaded {
     pub(crate) sched: Scheduler,
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) eos: u32,
+    pub(crate) faults: FaultPlan,
 }
 
 fn resolve_device(spec: DeviceSpec) -> Result<Device> {
@@ -165,45 +166,58 @@ fn kv_pool_blocks(
     bytes_per_block: u64,
     max_model_len: usize,
 ) -> Result<(usize, String)> {
-    if let Some(fixed) =
-        fixed_kv_cache_blocks(config.kv_cache, !model.device().is_cpu(), bytes_per_block)
-    {
-        return Ok(fixed);
-    }
-    measured_kv_pool_blocks(config, model, bytes_per_block, max_model_len)
-}
-
-#[cfg(feature = "cuda")]
-fn measured_kv_pool_blocks(
-    config: &EngineConfig,
-    model: &Mpt,
-    bytes_per_block: u64,
-    max_model_len: usize,
-) -> Result<(usize, String)> {
-    use crate::kv::budget::{PoolNeeds, gpu_kv_cache_blocks, measure_gpu, profile_batch};
-    let (batch, profile_blocks) = profile_batch(
-        config.max_num_batched_tokens,
-        max_model_len,
-        config.max_num_seqs,
-        config.block_size,
-        model.config().vocab_size,
-    );
-    let memory = measure_gpu(model, &batch, profile_blocks, config.block_size)?;
-    let fraction = config.gpu_memory_utilization;
     let needs = PoolNeeds {
         bytes_per_block,
         block_size: config.block_size,
         max_model_len,
         max_num_batched_tokens: config.max_num_batched_tokens,
     };
-    let blocks = gpu_kv_cache_blocks(&memory, fraction, &needs)?;
+    if let Some(fixed) = fixed_kv_cache_blocks(config.kv_cache, !model.device().is_cpu(), &needs) {
+        return fixed;
+    }
+    measured_kv_pool_blocks(config, model, &needs)
+}
+
+#[cfg(feature = "cuda")]
+fn measured_kv_pool_blocks(
+    config: &EngineConfig,
+    model: &Mpt,
+    needs: &PoolNeeds,
+) -> Result<(usize, String)> {
+    use crate::kv::budget::{
+        decode_profile_batch, gpu_kv_cache_blocks, measure_gpu, profile_batch,
+    };
+    let vocab_size = model.config().vocab_size;
+    let (prefill, profile_blocks) = profile_batch(
+        config.max_num_batched_tokens,
+        needs.max_model_len,
+        config.max_num_seqs,
+        config.block_size,
+        vocab_size,
+    );
+    let decode = decode_profile_batch(
+        config.max_num_seqs,
+        needs.max_model_len,
+        config.block_size,
+        vocab_size,
+    );
+    let memory = measure_gpu(
+        model,
+        &[&prefill, &decode],
+        profile_blocks,
+        config.block_size,
+    )?;
+    let fraction = config.gpu_memory_utilization;
+    let blocks = gpu_kv_cache_blocks(&memory, fraction, needs)?;
     let how = format!(
         "--gpu-memory-utilization {fraction}: {fraction} × {} total − {} in use after loading \
-         the weights − {} activation peak of a {}-token step",
+         the weights − {} activation peak of a {}-token step or {} decodes at {} tokens",
         gib(memory.total),
         gib(memory.used_after_weights),
         gib(memory.activation_peak),
-        batch.num_tokens(),
+        prefill.num_tokens(),
+        decode.seqs.len(),
+        needs.max_model_len,
     );
     Ok((blocks, how))
 }
@@ -212,8 +226,7 @@ fn measured_kv_pool_blocks(
 fn measured_kv_pool_blocks(
     _config: &EngineConfig,
     _model: &Mpt,
-    _bytes_per_block: u64,
-    _max_model_len: usize,
+    _needs: &PoolNeeds,
 ) -> Result<(usize, String)> {
     Err(EngineError::setting(
         "gpu_memory_utilization",
@@ -287,8 +300,6 @@ pub(crate) fn load(
     let limits = Limits {
         max_model_len,
         vocab_size: mcfg.vocab_size,
-        num_blocks,
-        block_size: config.block_size,
         max_num_seqs: config.max_num_seqs,
         max_queue_size: config.max_queue_size,
     };
@@ -299,6 +310,7 @@ pub(crate) fn load(
         sched,
         tokenizer: Arc::clone(&tokenizer),
         eos,
+        faults: config.faults,
     };
     Ok((
         loaded,

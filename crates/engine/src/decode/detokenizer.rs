@@ -5,10 +5,17 @@
 //! an incomplete sequence is held back), and the concatenation of everything returned by
 //! [`IncrementalDecoder::push`] followed by [`IncrementalDecoder::finish`] equals
 //! [`Tokenizer::decode`] of all ids pushed. It decodes a short window of recent tokens per step
-//! (the read-offset method), so the cost per token does not grow with the sequence length.
+//! (the read-offset method), so the cost per token does not grow with the sequence length: the
+//! window moves on after every token that adds no text (special tokens with `ignore_eos`, ids of
+//! the padded vocabulary) and is never held for more than [`MAX_HELD_TOKENS`] tokens of broken
+//! UTF-8 (a valid character needs at most four byte tokens; past that the bytes are garbage and
+//! go out lossily).
 
 use crate::api::error::Result;
 use crate::tokenizer::Tokenizer;
+
+/// Most tokens whose text is held back because it ends in an incomplete UTF-8 sequence.
+pub const MAX_HELD_TOKENS: usize = 8;
 
 /// Streaming detokenizer for one sequence; see the module docs for its guarantees.
 #[derive(Debug, Clone)]
@@ -37,13 +44,19 @@ impl IncrementalDecoder {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.len() <= self.prefix_text.len()
-            || text.ends_with(char::REPLACEMENT_CHARACTER)
-            || !text.starts_with(&self.prefix_text)
-        {
+        let held = self.ids.len() - self.prefix_len;
+        let waiting =
+            text.ends_with(char::REPLACEMENT_CHARACTER) || !text.starts_with(&self.prefix_text);
+        if waiting && held < MAX_HELD_TOKENS {
+            // A character cut between tokens: wait for its remaining bytes.
             return Ok(String::new());
         }
-        let new_text = text[self.prefix_text.len()..].to_string();
+        let new_text = match text.strip_prefix(self.prefix_text.as_str()) {
+            Some(rest) => rest.to_string(),
+            // The window's earlier text decoded differently with the new tokens (never seen
+            // with byte-level BPE): send what follows the part both decodings share.
+            None => text[common_prefix_len(&text, &self.prefix_text)..].to_string(),
+        };
         // Keep the tokens just emitted as context for the next window: some decoders change a
         // token's text depending on what precedes it.
         self.ids.drain(..self.prefix_len);
@@ -66,10 +79,18 @@ impl IncrementalDecoder {
     }
 }
 
+/// Bytes of the longest common prefix of `a` and `b` that ends on a character boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::tests::demo_tokenizer;
+    use crate::tokenizer::tests::{TEXTS, demo_tokenizer};
 
     fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
         let mut dec = IncrementalDecoder::new(tok.clone());
@@ -77,14 +98,6 @@ mod tests {
         out.push(dec.finish().expect("finish"));
         out
     }
-
-    const TEXTS: &[&str] = &[
-        "Hello, world! This is a test.",
-        "emoji: 🦀🚀 and 👩‍👩‍👧 family",
-        "中文测试：你好，世界。日本語もテスト。",
-        "  leading spaces,\tand    runs   of spaces\n\nnewlines ",
-        "mixed é ü ß 🤖 漢字 end",
-    ];
 
     #[test]
     fn incremental_matches_full_decode_and_never_breaks_utf8() {
@@ -143,5 +156,43 @@ mod tests {
         let tok = demo_tokenizer();
         let ids = tok.encode(" a  b   c").expect("encode");
         assert_eq!(stream(&tok, &ids).concat(), " a  b   c");
+    }
+
+    #[test]
+    fn tokens_without_text_keep_the_window_short() {
+        let tok = demo_tokenizer();
+        let hello = tok.encode("Hello").expect("encode");
+        let mut dec = IncrementalDecoder::new(tok.clone());
+        let mut text = String::new();
+        // <|endoftext|> (skipped by decoding) and ids of the padded vocabulary, which have no
+        // token at all, as a run with `ignore_eos` produces them.
+        for i in 0..3000u32 {
+            let id = if i % 2 == 0 { 0 } else { 50_300 + i % 100 };
+            text.push_str(&dec.push(id).expect("push"));
+            assert!(dec.ids.len() <= 2, "window grew to {} ids", dec.ids.len());
+        }
+        for &id in &hello {
+            text.push_str(&dec.push(id).expect("push"));
+        }
+        text.push_str(&dec.finish().expect("finish"));
+        assert_eq!(text, "Hello");
+    }
+
+    #[test]
+    fn broken_utf8_is_held_for_a_bounded_number_of_tokens() {
+        let tok = demo_tokenizer();
+        let lead = tok.token_to_id("ð").expect("byte token of 0xF0");
+        let mut dec = IncrementalDecoder::new(tok.clone());
+        let mut pieces = Vec::new();
+        for _ in 0..100 {
+            pieces.push(dec.push(lead).expect("push"));
+            assert!(dec.ids.len() <= 2 * MAX_HELD_TOKENS, "{}", dec.ids.len());
+        }
+        pieces.push(dec.finish().expect("finish"));
+        assert!(pieces.iter().any(|p| !p.is_empty()), "garbage goes out");
+        assert_eq!(
+            pieces.concat(),
+            tok.decode(&vec![lead; 100]).expect("decode")
+        );
     }
 }

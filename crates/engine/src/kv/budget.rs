@@ -99,28 +99,60 @@ pub fn gpu_kv_cache_blocks(memory: &GpuMemory, fraction: f64, needs: &PoolNeeds)
 }
 
 /// Blocks for the sizes that need no measurement, with how they were chosen; `None` for
-/// [`KvCacheSize::Auto`] on a GPU (measure, then call [`gpu_kv_cache_blocks`]).
+/// [`KvCacheSize::Auto`] on a GPU (measure, then call [`gpu_kv_cache_blocks`]). On the CPU
+/// `Auto` is [`DEFAULT_CPU_KV_CACHE_BYTES`], raised to one `max_model_len` sequence when that
+/// is more (so a chat request that asks for the whole context can always run); an explicit
+/// size that cannot hold one such sequence is refused, saying what to change.
 pub fn fixed_kv_cache_blocks(
     size: KvCacheSize,
     on_gpu: bool,
-    bytes_per_block: u64,
-) -> Option<(usize, String)> {
-    let per = bytes_per_block.max(1);
-    match size {
-        KvCacheSize::Blocks(n) => Some((n, "--num-kv-blocks".into())),
-        KvCacheSize::Bytes(bytes) => Some((
+    needs: &PoolNeeds,
+) -> Option<Result<(usize, String)>> {
+    let per = needs.bytes_per_block.max(1);
+    let needed = blocks_for(needs.max_model_len, needs.block_size).max(1);
+    let (blocks, how, flag) = match size {
+        KvCacheSize::Blocks(n) => (n, "--num-kv-blocks".to_string(), "--num-kv-blocks"),
+        KvCacheSize::Bytes(bytes) => (
             (bytes / per) as usize,
             format!("--kv-cache-memory {}", gib(bytes)),
-        )),
-        KvCacheSize::Auto if on_gpu => None,
-        KvCacheSize::Auto => Some((
-            (DEFAULT_CPU_KV_CACHE_BYTES / per) as usize,
+            "--kv-cache-memory",
+        ),
+        KvCacheSize::Auto if on_gpu => return None,
+        KvCacheSize::Auto => {
+            let default = (DEFAULT_CPU_KV_CACHE_BYTES / per) as usize;
+            let how = if default >= needed {
+                format!(
+                    "the CPU default of {} (--kv-cache-memory or --num-kv-blocks change it)",
+                    gib(DEFAULT_CPU_KV_CACHE_BYTES)
+                )
+            } else {
+                format!(
+                    "one --max-model-len {} sequence, {} (more than the CPU default of {}; \
+                     --kv-cache-memory or --num-kv-blocks change it)",
+                    needs.max_model_len,
+                    gib(needed as u64 * per),
+                    gib(DEFAULT_CPU_KV_CACHE_BYTES)
+                )
+            };
+            return Some(Ok((default.max(needed), how)));
+        }
+    };
+    if blocks < needed {
+        let setting = flag.trim_start_matches("--").replace('-', "_");
+        return Some(Err(EngineError::setting(
+            setting,
             format!(
-                "the CPU default of {} (--kv-cache-memory or --num-kv-blocks change it)",
-                gib(DEFAULT_CPU_KV_CACHE_BYTES)
+                "{flag} gives the KV cache {} tokens ({blocks} blocks of {}), less than one \
+                 sequence of --max-model-len {} tokens ({needed} blocks, {}): raise {flag} or \
+                 lower --max-model-len",
+                blocks * needs.block_size,
+                needs.block_size,
+                needs.max_model_len,
+                gib(needed as u64 * per),
             ),
-        )),
+        )));
     }
+    Some(Ok((blocks, how)))
 }
 
 /// The worst step the scheduler can build, for measuring the activation peak: together
@@ -156,12 +188,38 @@ pub fn profile_batch(
     (ModelBatch { seqs }, num_blocks)
 }
 
+/// The worst decode step: `max_num_seqs` one-token decodes, each at the end of a
+/// `max_model_len` context over blocks `0..n` (as [`profile_batch`]'s table). The candle-ops
+/// attention pads a decode group to its longest context and gathers every sequence's K and V
+/// at that length, so this step can need more memory than the largest prefill step.
+pub fn decode_profile_batch(
+    max_num_seqs: usize,
+    max_model_len: usize,
+    block_size: usize,
+    vocab_size: usize,
+) -> ModelBatch {
+    let num_blocks = blocks_for(max_model_len.max(1), block_size);
+    let block_table: Vec<u32> = (0..num_blocks as u32).collect();
+    let start_pos = max_model_len.saturating_sub(1);
+    let seqs = (0..max_num_seqs.max(1))
+        .map(|i| SeqChunk {
+            tokens: vec![(i % vocab_size.max(1)) as u32],
+            start_pos,
+            block_table: block_table.clone(),
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    ModelBatch { seqs }
+}
+
 /// Measures a CUDA device for [`gpu_kv_cache_blocks`]: memory in use now (weights loaded), then
-/// the extra memory of one forward pass of [`profile_batch`].
+/// the extra memory of forward passes of `batches` (the largest prefill step of
+/// [`profile_batch`] and the worst decode step of [`decode_profile_batch`]); the pool keeps
+/// what a pass freed, so the memory gone after all of them is the largest peak.
 #[cfg(feature = "cuda")]
 pub(crate) fn measure_gpu(
     model: &crate::model::Mpt,
-    batch: &ModelBatch,
+    batches: &[&ModelBatch],
     profile_blocks: usize,
     block_size: usize,
 ) -> Result<GpuMemory> {
@@ -198,26 +256,32 @@ pub(crate) fn measure_gpu(
     )?;
     device.synchronize()?;
     let (free_before, _) = context.mem_get_info().map_err(driver)?;
-    let logits = model.forward(batch, &mut cache).map_err(|e| {
-        EngineError::setting(
-            "max_num_batched_tokens",
-            format!(
-                "the profiling forward pass of the largest step ({} tokens, contexts up to {}) \
-                 failed: {e}. Lower --max-num-batched-tokens or --max-model-len (attention \
-                 scores grow with their product), or pick --attention-kernels custom",
-                batch.num_tokens(),
-                batch
-                    .seqs
-                    .iter()
-                    .map(|s| s.context_len())
-                    .max()
-                    .unwrap_or(0),
-            ),
-        )
-    })?;
+    let mut outputs = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let logits = model.forward(batch, &mut cache).map_err(|e| {
+            EngineError::setting(
+                "max_num_batched_tokens",
+                format!(
+                    "the profiling forward pass of the largest step ({} tokens in {} sequences, \
+                     contexts up to {}) failed: {e}. Lower --max-num-batched-tokens, \
+                     --max-num-seqs or --max-model-len (attention scores grow with their \
+                     product), or pick --attention-kernels custom",
+                    batch.num_tokens(),
+                    batch.seqs.len(),
+                    batch
+                        .seqs
+                        .iter()
+                        .map(|s| s.context_len())
+                        .max()
+                        .unwrap_or(0),
+                ),
+            )
+        })?;
+        outputs.push(logits);
+    }
     device.synchronize()?;
     let (free_after, _) = context.mem_get_info().map_err(driver)?;
-    drop(logits);
+    drop(outputs);
     drop(cache);
     device.synchronize()?;
     if pooled {
@@ -335,18 +399,68 @@ mod tests {
 
     #[test]
     fn explicit_sizes_win_and_cpu_auto_is_the_default_budget() {
+        let needs = |bytes_per_block, max_model_len| PoolNeeds {
+            bytes_per_block,
+            block_size: 16,
+            max_model_len,
+            max_num_batched_tokens: 512,
+        };
+        let fixed = |size, on_gpu, needs: &PoolNeeds| {
+            fixed_kv_cache_blocks(size, on_gpu, needs).map(|r| r.expect("fits").0)
+        };
         assert_eq!(
-            fixed_kv_cache_blocks(KvCacheSize::Blocks(7), true, 100).map(|b| b.0),
+            fixed(KvCacheSize::Blocks(7), true, &needs(100, 100)),
             Some(7)
         );
         assert_eq!(
-            fixed_kv_cache_blocks(KvCacheSize::Bytes(1000), true, 100).map(|b| b.0),
+            fixed(KvCacheSize::Bytes(1000), true, &needs(100, 160)),
             Some(10)
         );
-        assert_eq!(fixed_kv_cache_blocks(KvCacheSize::Auto, true, 100), None);
-        let (blocks, how) = fixed_kv_cache_blocks(KvCacheSize::Auto, false, 1 << 20).expect("cpu");
+        assert!(fixed_kv_cache_blocks(KvCacheSize::Auto, true, &needs(100, 100)).is_none());
+        let (blocks, how) = fixed_kv_cache_blocks(KvCacheSize::Auto, false, &needs(1 << 20, 2048))
+            .expect("cpu")
+            .expect("fits");
         assert_eq!(blocks, 1024);
         assert!(how.contains("CPU default"), "{how}");
+    }
+
+    #[test]
+    fn cpu_pools_hold_one_full_length_sequence() {
+        // MPT-7B in f32: 1 MiB of K and V per token, 16 MiB a block; 2048 tokens need 2 GiB.
+        let mpt_7b = PoolNeeds {
+            bytes_per_block: 16 << 20,
+            block_size: 16,
+            max_model_len: 2048,
+            max_num_batched_tokens: 2048,
+        };
+        let (blocks, how) = fixed_kv_cache_blocks(KvCacheSize::Auto, false, &mpt_7b)
+            .expect("cpu")
+            .expect("the default grows to one sequence");
+        assert_eq!(blocks, 128);
+        assert!(how.contains("--max-model-len 2048"), "{how}");
+        for (size, flag) in [
+            (KvCacheSize::Bytes(1 << 30), "--kv-cache-memory"),
+            (KvCacheSize::Blocks(100), "--num-kv-blocks"),
+        ] {
+            let err = fixed_kv_cache_blocks(size, false, &mpt_7b)
+                .expect("fixed")
+                .expect_err("too small for one sequence");
+            let text = err.to_string();
+            assert!(
+                text.contains(flag) && text.contains("--max-model-len"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_profile_is_every_sequence_at_the_longest_context() {
+        let batch = decode_profile_batch(64, 8192, 16, 50432);
+        assert_eq!(batch.seqs.len(), 64);
+        assert_eq!(batch.num_tokens(), 64);
+        assert!(batch.seqs.iter().all(|s| s.context_len() == 8192));
+        assert!(batch.seqs.iter().all(|s| s.block_table.len() == 512));
+        assert_eq!(batch.num_logits_rows(), 64);
     }
 
     #[test]

@@ -112,8 +112,8 @@ impl KvCache {
         let storage = KvStorage::Cpu(
             (0..config.n_layers)
                 .map(|_| LayerKv {
-                    k: vec![0.0; len],
-                    v: vec![0.0; len],
+                    k: resident_zeros(len),
+                    v: resident_zeros(len),
                 })
                 .collect(),
         );
@@ -216,4 +216,15 @@ impl KvCache {
         }
         Ok(())
     }
+}
+
+/// `len` zeros, written once: a fresh allocation's pages are only mapped when first touched, so
+/// without this the pool would become resident a block at a time as the prefix cache fills it,
+/// and the process's memory would creep up for hours. Written now, the memory the server needs
+/// is taken (and visible) at startup.
+fn resident_zeros(len: usize) -> Vec<f32> {
+    let mut zeros = vec![0.0f32; len];
+    // Hides that the allocator zeroed the pages, so the writes below are not optimised away.
+    std::hint::black_box(zeros.as_mut_slice()).fill(0.0);
+    zeros
 }

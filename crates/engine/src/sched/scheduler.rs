@@ -114,6 +114,17 @@ impl Scheduler {
 
     /// Queues a new request's (first) sequence; returns its id.
     pub fn add(&mut self, prompt: Vec<u32>, wants_prompt_logits: bool) -> SeqId {
+        self.add_forking(prompt, wants_prompt_logits, 0)
+    }
+
+    /// Queues a sequence that [`Self::fork`] will copy `forks` times once its prompt is
+    /// computed; it is admitted only when `1 + forks` sequence slots are free.
+    pub fn add_forking(
+        &mut self,
+        prompt: Vec<u32>,
+        wants_prompt_logits: bool,
+        forks: usize,
+    ) -> SeqId {
         assert!(
             !prompt.is_empty(),
             "empty prompt reached the scheduler: this is a bug"
@@ -122,10 +133,19 @@ impl Scheduler {
         self.next_id += 1;
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.seqs
-            .insert(id, Sequence::new(id, arrival, prompt, wants_prompt_logits));
+        let mut seq = Sequence::new(id, arrival, prompt, wants_prompt_logits);
+        seq.reserved_forks = forks;
+        self.seqs.insert(id, seq);
         self.insert_waiting(id);
         id
+    }
+
+    /// Sequence slots taken: running sequences plus the forks they will become.
+    pub fn slots_taken(&self) -> usize {
+        self.running
+            .iter()
+            .map(|id| 1 + self.seqs[id].reserved_forks)
+            .sum()
     }
 
     /// A sequence, if it is alive.
@@ -185,11 +205,12 @@ impl Scheduler {
     /// Creates `count` copies of a running sequence sharing all its blocks (for n > 1 /
     /// best_of); they diverge from the next appended token on.
     pub fn fork(&mut self, parent: SeqId, count: usize) -> Vec<SeqId> {
-        let template = self
+        let parent_seq = self
             .seqs
-            .get(&parent)
-            .expect("fork of a dead sequence: this is a bug")
-            .clone();
+            .get_mut(&parent)
+            .expect("fork of a dead sequence: this is a bug");
+        parent_seq.reserved_forks = parent_seq.reserved_forks.saturating_sub(count);
+        let template = parent_seq.clone();
         assert_eq!(
             template.status,
             SeqStatus::Running,
@@ -411,16 +432,17 @@ impl Scheduler {
             budget -= n;
         }
 
-        // 2. Waiting sequences, strictly FCFS.
-        while step.preempted.is_empty()
-            && budget > 0
-            && self.running.len() < self.cfg.max_num_seqs
-            && step.seq_ids.len() < self.cfg.max_num_seqs
+        // 2. Waiting sequences, strictly FCFS; a sequence to be forked needs a slot for each
+        // of its forks too, so that `max_num_seqs` holds after the fork.
+        while step.preempted.is_empty() && budget > 0 && step.seq_ids.len() < self.cfg.max_num_seqs
         {
             let Some(&id) = self.waiting.first() else {
                 break;
             };
             let seq = &self.seqs[&id];
+            if self.slots_taken() + 1 + seq.reserved_forks > self.cfg.max_num_seqs {
+                break;
+            }
             let (hit_blocks, hit_hashes) = self.cached_prefix(seq);
             let cached_len = hit_blocks.len() * self.cfg.block_size;
             let n = (seq.tokens.len() - cached_len)

@@ -142,7 +142,30 @@ fn preempts_newest_when_blocks_run_out_and_resumes_by_recompute() {
 }
 
 #[test]
-fn preempts_itself_when_it_is_the_newest() {
+fn forks_to_come_count_against_max_num_seqs() {
+    let mut s = sched(100, 4, 4, 1000, false);
+    let a = s.add_forking(vec![1; 5], false, 2); // becomes 3 sequences
+    let b = s.add(vec![2; 3], false);
+    let c = s.add(vec![3; 2], false);
+    let st = step(&mut s);
+    assert_eq!(
+        lens(&st),
+        vec![(a, 5), (b, 3)],
+        "c would make 5 after a's fork"
+    );
+    let kids = s.fork(a, 2);
+    assert_eq!((s.num_running(), s.num_waiting()), (4, 1));
+    let st = step(&mut s);
+    assert_eq!(st.seq_ids.len(), 4);
+    assert!(!st.seq_ids.contains(&c));
+    s.remove(kids[0]);
+    let st = step(&mut s);
+    assert!(st.seq_ids.contains(&c), "a freed slot admits c");
+    assert_eq!(s.num_running(), 4);
+}
+
+#[test]
+fn an_older_sequence_short_of_blocks_preempts_the_newest_other() {
     let mut s = sched(3, 2, 8, 100, false);
     let a = s.add(vec![1; 4], false); // 2 blocks
     let b = s.add(vec![2; 1], false); // 1 block
@@ -151,6 +174,21 @@ fn preempts_itself_when_it_is_the_newest() {
     let st = step(&mut s);
     assert_eq!(st.preempted, vec![b]);
     assert_eq!(lens(&st), vec![(a, 1)]);
+}
+
+#[test]
+fn preempts_itself_when_it_is_the_newest() {
+    let mut s = sched(3, 2, 8, 100, false);
+    let a = s.add(vec![1; 3], false); // 2 blocks; its next token still fits
+    let b = s.add(vec![2; 2], false); // 1 full block; its next token needs another
+    step(&mut s);
+    assert_eq!(s.allocator().num_free(), 0);
+    // b, the newest, is short of a block and nobody newer is left to preempt: it yields
+    // its own blocks and waits, while a decodes.
+    let st = step(&mut s);
+    assert_eq!(st.preempted, vec![b]);
+    assert_eq!(lens(&st), vec![(a, 1)]);
+    assert_eq!(s.get(b).expect("alive").status, SeqStatus::Waiting);
 }
 
 #[test]
@@ -300,6 +338,7 @@ fn fork_shares_prompt_blocks_and_copies_partial_last_block_on_write() {
     assert!(st.copies.iter().all(|&(src, _)| src == table[1]));
     let last_blocks: Vec<u32> = st.batch.seqs.iter().map(|c| c.block_table[1]).collect();
     let mut unique = last_blocks.clone();
+    unique.sort_unstable();
     unique.dedup();
     assert_eq!(
         unique.len(),

@@ -41,6 +41,9 @@ pub struct Sequence {
     pub status: SeqStatus,
     /// Return logits of every prompt position (prompt logprobs); disables prefix reuse.
     pub wants_prompt_logits: bool,
+    /// Sequences this one will be forked into once its prompt is computed (`best_of - 1`):
+    /// slots of `max_num_seqs` held for them from admission on; 0 after the fork.
+    pub reserved_forks: usize,
 }
 
 impl Sequence {
@@ -56,6 +59,7 @@ impl Sequence {
             block_hashes: Vec::new(),
             status: SeqStatus::Waiting,
             wants_prompt_logits,
+            reserved_forks: 0,
         }
     }
 

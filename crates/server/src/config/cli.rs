@@ -76,7 +76,8 @@ pub struct Cli {
         long,
         env = "MPT_SERVER_NUM_KV_BLOCKS",
         value_name = "N",
-        conflicts_with = "kv_cache_memory"
+        conflicts_with = "kv_cache_memory",
+        hide_env_values = true
     )]
     pub num_kv_blocks: Option<usize>,
     /// KV cache size in bytes, e.g. "2GiB", "512MiB", "1000000" [default: 1GiB on the CPU; on a GPU the pool is sized by --gpu-memory-utilization].
@@ -149,7 +150,7 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
-    /// Most requests waiting for a slot before new ones get 429 [default: 256].
+    /// Most requests waiting for a slot before new ones get 429; 0: none wait, but a request that can start at once is served [default: 256].
     #[arg(
         long,
         env = "MPT_SERVER_MAX_QUEUE_SIZE",
@@ -170,7 +171,8 @@ pub struct Cli {
         long,
         env = "MPT_SERVER_CORS_ALLOW_ORIGIN",
         value_name = "ORIGIN",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub cors_allow_origin: Vec<String>,
     /// Log format: text or json [default: text].

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use mpt_engine::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, KvCacheSize, LoadFormat, ModelSource,
-    Quantization,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
+    ModelSource, Quantization,
 };
 use serde::Deserialize;
 
@@ -174,6 +174,34 @@ pub struct ServerConfig {
     pub cors_allow_origin: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Connection and stream timings (no flags: defaults suit serving; embedders and tests set
+    /// them).
+    pub timeouts: Timeouts,
+    /// Failures the engine injects, for tests of the failure paths; never set from flags, env
+    /// vars or the config file.
+    pub faults: FaultPlan,
+}
+
+/// How long the server waits on clients, and how often idle streams hear from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest wait for a client's request headers; the connection is closed after it.
+    pub header_read: Duration,
+    /// Longest wait for a request body; the request gets 408 after it.
+    pub body_read: Duration,
+    /// Interval of `: keep-alive` comments on a stream that has nothing else to send (a long
+    /// prefill, a long queue), so proxies and clients do not time it out.
+    pub sse_keep_alive: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(30),
+            body_read: Duration::from_secs(30),
+            sse_keep_alive: Duration::from_secs(10),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -201,6 +229,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("cors_allow_origin", &self.cors_allow_origin)
             .field("log_format", &self.log_format)
+            .field("timeouts", &self.timeouts)
+            .field("faults", &self.faults)
             .finish()
     }
 }
@@ -491,6 +521,8 @@ impl ServerConfig {
             ),
             cors_allow_origin,
             log_format,
+            timeouts: Timeouts::default(),
+            faults: FaultPlan::default(),
         })
     }
 
@@ -517,6 +549,7 @@ impl ServerConfig {
             load_format: self.load_format,
             attention_kernels: self.attention_kernels,
             gpu_memory_utilization: self.gpu_memory_utilization,
+            faults: self.faults,
         }
     }
 

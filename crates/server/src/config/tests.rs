@@ -134,6 +134,17 @@ fn bad_gpu_settings_name_the_flag() {
 }
 
 #[test]
+fn help_names_every_env_var_without_a_value() {
+    use clap::CommandFactory;
+    let help = Cli::command().render_help().to_string();
+    assert!(help.contains("[env: MPT_SERVER_NUM_KV_BLOCKS]"), "{help}");
+    assert!(
+        !help.contains("=]"),
+        "an env var shown with an empty value:\n{help}"
+    );
+}
+
+#[test]
 fn quantization_parses_and_an_unknown_name_lists_the_valid_ones() {
     let cli = Cli::try_parse_from(["x", "--quantization", "Q8_0"]).expect("valid");
     let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");

@@ -172,10 +172,26 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// Their logprobs (`null` for the first prompt token).
     pub token_logprobs: Vec<Option<f32>>,
-    /// Top alternatives per position (`null` for the first prompt token).
-    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Top alternatives per position, most likely first (`null` for the first prompt token).
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
     /// Character offset of each token in the choice text.
     pub text_offset: Vec<usize>,
+}
+
+/// One position's alternatives as a JSON object `{token: logprob}` whose keys come most likely
+/// first, as OpenAI orders them (a map type would sort them by token text).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(pub Vec<(String, f32)>);
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (token, logprob) in &self.0 {
+            map.serialize_entry(token, logprob)?;
+        }
+        map.end()
+    }
 }
 
 /// One completion choice.

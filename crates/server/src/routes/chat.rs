@@ -54,9 +54,10 @@ pub async fn chat_completions(
     if job.valid.stream {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(stream_task(job, generation, tx));
-        Ok(logged_by_handler(sse::sse_response(ReceiverStream::new(
-            rx,
-        ))))
+        Ok(logged_by_handler(sse::sse_response(
+            ReceiverStream::new(rx),
+            state.config().timeouts.sse_keep_alive,
+        )))
     } else {
         Ok(logged_by_handler(
             collect(job, generation).await?.into_response(),

@@ -5,21 +5,20 @@
 //! logprobs) comes first; `text_offset` counts characters from the start of the choice text; a
 //! stream always ends with `data: [DONE]`, preceded by an error event if anything failed.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use mpt_engine::{FinishReason, TokenLogprob, Tokenizer};
+use mpt_engine::{FinishReason, IncrementalDecoder, TokenLogprob, Tokenizer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::generation::{Generation, Item, new_id};
 use crate::openai::types::{
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo,
-    finish_reason,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, TopLogprobs,
+    UsageInfo, finish_reason,
 };
 use crate::openai::validation::{ValidatedCompletion, parse_prompt, validate_completion};
 use crate::routes::{ApiJson, context, logged_by_handler};
@@ -27,26 +26,55 @@ use crate::sse;
 use crate::state::{AppState, unix_now};
 
 /// Per-choice accumulated output.
-#[derive(Default)]
 struct Choice {
     text: String,
-    chars: usize,
     logprobs: Option<CompletionLogprobs>,
+    /// Where the next generated token starts in `text` (with logprobs only).
+    offsets: Option<Offsets>,
+    /// Streams only: entries of tokens whose text is still held back (a character cut between
+    /// tokens), sent with the chunk that carries their text.
+    held: CompletionLogprobs,
     finish: Option<FinishReason>,
 }
 
-/// Appends one token's logprob entry, advancing the character offset.
+/// Character offsets of tokens in a text decoded from them: a token starts where the text stood
+/// before its bytes, so the tokens that together make one multi-byte character share its
+/// offset, and special tokens (absent from the text) take no room.
+struct Offsets {
+    decoder: IncrementalDecoder,
+    chars: usize,
+}
+
+impl Offsets {
+    /// Offsets of tokens appended after `chars` characters of text.
+    fn new(tokenizer: &Tokenizer, chars: usize) -> Self {
+        Self {
+            decoder: IncrementalDecoder::new(tokenizer.clone()),
+            chars,
+        }
+    }
+
+    /// The offset of token `id`, the next one of the text.
+    fn next(&mut self, id: u32) -> usize {
+        let at = self.chars;
+        match self.decoder.push(id) {
+            Ok(text) => self.chars += text.chars().count(),
+            Err(e) => tracing::warn!(error = %e, "text_offset: token {id} did not decode"),
+        }
+        at
+    }
+}
+
+/// Appends one token's logprob entry at `offset`.
 fn push_logprob(
     lp: &mut CompletionLogprobs,
     tokenizer: &Tokenizer,
     token_id: u32,
     entry: Option<&TokenLogprob>,
-    chars: &mut usize,
+    offset: usize,
 ) {
-    let text = tokenizer.token_text(token_id);
-    lp.text_offset.push(*chars);
-    *chars += text.chars().count();
-    lp.tokens.push(text);
+    lp.text_offset.push(offset);
+    lp.tokens.push(tokenizer.token_text(token_id));
     match entry {
         None => {
             lp.token_logprobs.push(None);
@@ -54,16 +82,27 @@ fn push_logprob(
         }
         Some(e) => {
             lp.token_logprobs.push(Some(e.logprob));
-            let mut top: BTreeMap<String, f32> = e
-                .top
-                .iter()
-                .map(|&(id, logprob)| (tokenizer.token_text(id), logprob))
-                .collect();
-            top.entry(tokenizer.token_text(e.token_id))
-                .or_insert(e.logprob);
-            lp.top_logprobs.push(Some(top));
+            lp.top_logprobs.push(Some(top_logprobs(tokenizer, e)));
         }
     }
+}
+
+/// The alternatives most likely first, the chosen token among them (OpenAI adds it when it is
+/// not in the top k); a token text that occurs twice keeps its likelier entry.
+fn top_logprobs(tokenizer: &Tokenizer, e: &TokenLogprob) -> TopLogprobs {
+    let mut all: Vec<(u32, f32)> = e.top.clone();
+    if !all.iter().any(|&(id, _)| id == e.token_id) {
+        all.push((e.token_id, e.logprob));
+    }
+    all.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut top: Vec<(String, f32)> = Vec::with_capacity(all.len());
+    for (id, logprob) in all {
+        let text = tokenizer.token_text(id);
+        if !top.iter().any(|(t, _)| *t == text) {
+            top.push((text, logprob));
+        }
+    }
+    TopLogprobs(top)
 }
 
 /// Logprobs for a prompt's tokens (echo).
@@ -73,29 +112,31 @@ fn prompt_logprobs(
     entries: &[Option<TokenLogprob>],
 ) -> CompletionLogprobs {
     let mut lp = CompletionLogprobs::default();
-    let mut chars = 0;
+    let mut offsets = Offsets::new(tokenizer, 0);
     for (i, &id) in ids.iter().enumerate() {
+        let at = offsets.next(id);
         push_logprob(
             &mut lp,
             tokenizer,
             id,
             entries.get(i).and_then(Option::as_ref),
-            &mut chars,
+            at,
         );
     }
     lp
 }
 
-/// Logprobs of newly generated tokens, offsets continuing from `chars`.
+/// Logprobs of newly generated tokens, their offsets continuing the choice's text.
 fn delta_logprobs(
     tokenizer: &Tokenizer,
     ids: &[u32],
     entries: &[TokenLogprob],
-    chars: &mut usize,
+    offsets: &mut Offsets,
 ) -> CompletionLogprobs {
     let mut lp = CompletionLogprobs::default();
     for (i, &id) in ids.iter().enumerate() {
-        push_logprob(&mut lp, tokenizer, id, entries.get(i), chars);
+        let at = offsets.next(id);
+        push_logprob(&mut lp, tokenizer, id, entries.get(i), at);
     }
     lp
 }
@@ -145,9 +186,10 @@ pub async fn completions(
     if job.valid.stream {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(stream_task(job, generation, tx));
-        Ok(logged_by_handler(sse::sse_response(ReceiverStream::new(
-            rx,
-        ))))
+        Ok(logged_by_handler(sse::sse_response(
+            ReceiverStream::new(rx),
+            state.config().timeouts.sse_keep_alive,
+        )))
     } else {
         Ok(logged_by_handler(
             collect(job, generation).await?.into_response(),
@@ -167,18 +209,22 @@ struct Job {
 impl Job {
     fn fresh_choices(&self) -> Vec<Choice> {
         let n = self.valid.n;
+        let with_logprobs = self.valid.logprobs.is_some();
         (0..self.prompt_ids.len() * n)
             .map(|i| {
-                let mut c = Choice::default();
-                if self.valid.echo {
-                    let prompt = &self.valid.prompt_texts[i / n];
-                    c.text.push_str(prompt);
-                    c.chars = prompt.chars().count();
+                let text = if self.valid.echo {
+                    self.valid.prompt_texts[i / n].clone()
+                } else {
+                    String::new()
+                };
+                let chars = text.chars().count();
+                Choice {
+                    text,
+                    logprobs: with_logprobs.then(CompletionLogprobs::default),
+                    offsets: with_logprobs.then(|| Offsets::new(&self.tokenizer, chars)),
+                    held: CompletionLogprobs::default(),
+                    finish: None,
                 }
-                if self.valid.logprobs.is_some() {
-                    c.logprobs = Some(CompletionLogprobs::default());
-                }
-                c
             })
             .collect()
     }
@@ -218,16 +264,10 @@ async fn collect(
                     continue;
                 };
                 c.text.push_str(&delta.text);
-                if let Some(lp) = c.logprobs.as_mut() {
-                    let more = delta_logprobs(
-                        &job.tokenizer,
-                        &delta.token_ids,
-                        &delta.logprobs,
-                        &mut c.chars,
-                    );
+                if let (Some(lp), Some(offsets)) = (c.logprobs.as_mut(), c.offsets.as_mut()) {
+                    let more =
+                        delta_logprobs(&job.tokenizer, &delta.token_ids, &delta.logprobs, offsets);
                     extend(lp, more);
-                } else {
-                    c.chars += delta.text.chars().count();
                 }
             }
             Item::ChoiceFinished {
@@ -321,17 +361,17 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
                 let Some(c) = choices.get_mut(index) else {
                     continue;
                 };
-                if delta.text.is_empty() && delta.token_ids.is_empty() {
+                if let Some(offsets) = c.offsets.as_mut() {
+                    let more =
+                        delta_logprobs(&job.tokenizer, &delta.token_ids, &delta.logprobs, offsets);
+                    extend(&mut c.held, more);
+                }
+                // Nothing to show yet (part of a character, or a possible stop string): wait
+                // for the text instead of sending an empty chunk.
+                if delta.text.is_empty() {
                     continue;
                 }
-                let lp = c.logprobs.as_ref().map(|_| {
-                    delta_logprobs(
-                        &job.tokenizer,
-                        &delta.token_ids,
-                        &delta.logprobs,
-                        &mut c.chars,
-                    )
-                });
+                let lp = c.logprobs.is_some().then(|| std::mem::take(&mut c.held));
                 job.chunk(vec![piece(index, delta.text, lp, None)], None)
             }
             Item::ChoiceFinished {
@@ -341,10 +381,12 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
             } => {
                 aborted |= reason == FinishReason::Abort;
                 let index = prompt * n + index;
-                if let Some(c) = choices.get_mut(index) {
-                    c.finish = Some(reason);
-                }
-                let lp = job.valid.logprobs.map(|_| CompletionLogprobs::default());
+                let Some(c) = choices.get_mut(index) else {
+                    continue;
+                };
+                c.finish = Some(reason);
+                // Entries of tokens whose text never came (held back when the choice ended).
+                let lp = c.logprobs.is_some().then(|| std::mem::take(&mut c.held));
                 job.chunk(vec![piece(index, String::new(), lp, Some(reason))], None)
             }
             Item::Completed { .. } => continue,

@@ -56,6 +56,7 @@ mod tests {
             api_key: None,
             max_inflight: 4,
             cors_allow_origin: Vec::new(),
+            timeouts: Default::default(),
         })
     }
 

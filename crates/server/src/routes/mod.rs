@@ -1,9 +1,10 @@
 //! HTTP handlers, the JSON body extractor and the middleware shared by all routes.
 //!
 //! Invariants: request bodies are accepted only as `application/json` (else 415), at most
-//! [`MAX_BODY_BYTES`] (else 413), and must be a JSON object (else 400) — rejections always use
-//! our error shape, never axum's plain text; `/v1/*` requires the API key when one is set, the
-//! probes and `/metrics` never do; each request is counted once in the HTTP metric and logged
+//! [`MAX_BODY_BYTES`] (else 413), within one body-read deadline (else 408, however the bytes
+//! trickle in), and must be a JSON object (else 400) — rejections always use
+//! our error shape, never axum's plain text; `/v1/*`, `/tokenize` and `/detokenize` require the API
+//! key when one is set, the probes and `/metrics` never do; each request is counted once in the HTTP metric and logged
 //! once (by the generation for completions, by [`track`] otherwise).
 
 pub mod chat;
@@ -42,10 +43,10 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -55,18 +56,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             Some(ct) => return Err(ApiError::UnsupportedMediaType(ct.to_string())),
             None => return Err(ApiError::UnsupportedMediaType(String::new())),
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(MAX_BODY_BYTES)
-            } else if rejection.body_text().contains("timed out") {
-                ApiError::Timeout
-            } else {
-                ApiError::MalformedBody(format!(
-                    "could not read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
+        // One deadline for the whole body: a client that trickles bytes never resets it.
+        let deadline = state.config().timeouts.body_read;
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::Timeout)?
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(MAX_BODY_BYTES)
+                } else {
+                    ApiError::MalformedBody(format!(
+                        "could not read the request body: {}",
+                        rejection.body_text()
+                    ))
+                }
+            })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::MalformedBody(format!("request body is not valid JSON: {e}")))?;
         if !value.is_object() {

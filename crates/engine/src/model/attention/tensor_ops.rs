@@ -419,6 +419,7 @@ mod tests {
             let got = attention(&plan, &k_pool, &v_pool, &t(&q), scale).unwrap();
             assert_eq!(got.dims(), &[n, w]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), expected.len());
             for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
                 assert!((a - b).abs() < 1e-5, "step {step} element {i}: {a} vs {b}");
             }

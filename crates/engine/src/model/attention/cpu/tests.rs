@@ -84,6 +84,7 @@ fn paged_matches_contiguous_for_scattered_blocks_and_chunks() {
             0.3,
         ));
     }
+    assert_eq!(got.len(), expected.len());
     for (a, b) in got.iter().zip(&expected) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }

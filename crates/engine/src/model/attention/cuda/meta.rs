@@ -455,6 +455,7 @@ mod tests {
                 })
                 .collect();
             let want = paged_attention(&geom, &cpu, &slots, &q, &slopes, scale);
+            assert_eq!(got.len(), want.len());
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() < 1e-4, "element {i}: {a} vs {b}");
             }

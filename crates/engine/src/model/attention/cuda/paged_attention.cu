@@ -1,6 +1,7 @@
-// Paged ALiBi attention for MPT over the tensor KV pools of crates/engine/src/kv_cache/cache.rs.
+// Paged ALiBi attention for MPT over the tensor KV pools of crates/engine/src/kv/storage.rs.
 // Compiled to PTX by crates/engine/build.rs (nvcc --ptx) when the `cuda` feature is on; launched
-// from crates/engine/src/model/attention_kernels.rs, which packs the metadata described below.
+// from crates/engine/src/model/attention/cuda/launch.rs with the metadata that meta.rs beside it
+// packs, as described below.
 //
 // NOT YET RUN ON A GPU: written and compiled without a card; bench/gpu-check.sh is the first
 // check. Until it passes, the engine uses the candle tensor-op path by default.
@@ -22,10 +23,10 @@
 #define WARP 32
 #define THREADS 128
 #define WARPS (THREADS / WARP)
-// Queries per prefill tile and keys per shared-memory tile (attention_kernels.rs mirrors these).
+// Queries per prefill tile and keys per shared-memory tile (meta.rs mirrors these).
 #define PREFILL_BLOCK_M 16
 #define PREFILL_BLOCK_N 32
-// Keys per decode split (attention_kernels.rs mirrors this).
+// Keys per decode split (meta.rs mirrors this).
 #define DECODE_PARTITION 512
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
