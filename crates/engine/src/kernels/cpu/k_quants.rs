@@ -5,7 +5,7 @@
 //! Invariant: every float expression is evaluated in the reference's order, one rounding per
 //! operation, so the chosen scales and levels, and therefore the bytes, are ggml's.
 
-use super::quant_formats::{f16_at, nearest_int, put_f16};
+use super::ggml_scalars::{f16_at, nearest_int, put_f16};
 
 /// Weights per K-quant block.
 const QK_K: usize = 256;

@@ -1,6 +1,6 @@
 //! CPU kernels: run-time instruction-set detection ([`isa`]), the register-tiled f32 matmul
 //! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]) and the exact-erf GELU ([`gelu`]);
-//! ggml's block formats ([`quant_formats`], [`k_quants`]), the int8 Q8_0 matmul ([`q8_0`]) and
+//! ggml's block formats ([`quant_formats`], [`k_quants`], [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and
 //! the bf16 matmul ([`bf16`]).
 //! Code that uses SIMD intrinsics lives here and nowhere else.
 
@@ -8,6 +8,7 @@
 pub(crate) mod bf16;
 pub(crate) mod fast_math;
 pub(crate) mod gelu;
+pub(crate) mod ggml_scalars;
 #[allow(unsafe_code)]
 pub(crate) mod isa;
 pub(crate) mod k_quants;

@@ -18,7 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 #[cfg(test)]
-use super::quant_formats::f16_at;
+use super::ggml_scalars::f16_at;
 
 /// Weights per Q8_0 block.
 const QK: usize = 32;

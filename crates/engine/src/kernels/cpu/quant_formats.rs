@@ -8,8 +8,7 @@
 //! Float operations follow the reference's order (no fused multiply-adds), because a different
 //! rounding of one intermediate can change a chosen scale.
 
-use half::f16;
-
+use super::ggml_scalars::{f16_at, put_f16};
 use super::k_quants;
 
 /// A ggml block format for weights.
@@ -108,23 +107,6 @@ impl GgmlFormat {
     }
 }
 
-/// Reads the little-endian f16 at `b[0..2]` as f32.
-pub(crate) fn f16_at(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
-/// Writes `v` rounded to f16 (nearest, ties to even, as ggml's `GGML_FP32_TO_FP16`).
-pub(crate) fn put_f16(out: &mut [u8], v: f32) {
-    out[..2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
-}
-
-/// ggml's `nearest_int`: round to nearest with ties to even, via the 1.5·2²³ trick, for
-/// |v| ≤ 4194303.
-pub(crate) fn nearest_int(v: f32) -> i32 {
-    let bits = (v + 12_582_912.0f32).to_bits() as i32;
-    (bits & 0x007f_ffff) - 0x0040_0000
-}
-
 /// One Q8_0 block: d = max|x| / 127, q = round(x / d) (half away from zero, as `roundf`).
 fn quantize_block_q8_0(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -189,17 +171,6 @@ mod tests {
                 if i % 97 == 3 { u * 6.0 } else { u * 0.05 }
             })
             .collect()
-    }
-
-    #[test]
-    fn nearest_int_rounds_ties_to_even() {
-        assert_eq!(nearest_int(0.5), 0);
-        assert_eq!(nearest_int(1.5), 2);
-        assert_eq!(nearest_int(2.5), 2);
-        assert_eq!(nearest_int(-0.5), 0);
-        assert_eq!(nearest_int(-1.5), -2);
-        assert_eq!(nearest_int(3.49), 3);
-        assert_eq!(nearest_int(-7.6), -8);
     }
 
     #[test]
