@@ -8,7 +8,9 @@
 //! Float operations follow the reference's order (no fused multiply-adds), because a different
 //! rounding of one intermediate can change a chosen scale.
 
-use super::ggml_scalars::{f16_at, put_f16};
+#[cfg(test)]
+use super::ggml_scalars::f16_at;
+use super::ggml_scalars::put_f16;
 use super::k_quants;
 
 /// A ggml block format for weights.
