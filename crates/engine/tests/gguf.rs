@@ -1,6 +1,7 @@
 //! MPT GGUF files (tests/fixtures/make_gguf.py writes them from our fixture checkpoints the way
 //! llama.cpp's converter does): the same logits as the HF reference for F32/F16/BF16 files, the
-//! same model as in-situ quantization for Q8_0 files, the tokenizer rebuilt from the metadata,
+//! same model as in-situ quantization for Q8_0, Q4_0, Q4_K and Q6_K files, the tokenizer rebuilt
+//! from the metadata,
 //! and a clear error for every kind of bad file.
 
 use std::path::{Path, PathBuf};
@@ -119,6 +120,30 @@ fn q8_0_gguf_files_are_the_in_situ_quantized_checkpoint() {
         .expect(dir);
         assert_eq!(from_file.weight_bytes(), in_situ.weight_bytes(), "{file}");
         let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 1000).collect();
+        assert_eq!(
+            logits(&from_file, &prompt),
+            logits(&in_situ, &prompt),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn k_quant_and_q4_0_gguf_files_hold_what_in_situ_quantization_makes() {
+    // quant256-*.gguf carry llama.cpp's bytes (llama-quantize --pure, gguf-py) for every matrix.
+    for (file, q) in [
+        ("quant256-q4_k.gguf", Quantization::Q4K),
+        ("quant256-q6_k.gguf", Quantization::Q6K),
+        ("quant256-q4_0.gguf", Quantization::Q4_0),
+    ] {
+        let from_file = load(ModelSource::Gguf(gguf(file)), None).expect(file);
+        let in_situ = load(
+            ModelSource::Dir(fixtures().join("models").join("quant256")),
+            Some(q),
+        )
+        .expect("quant256");
+        assert_eq!(from_file.weight_bytes(), in_situ.weight_bytes(), "{file}");
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 256).collect();
         assert_eq!(
             logits(&from_file, &prompt),
             logits(&in_situ, &prompt),
