@@ -1,8 +1,7 @@
 //! MPT GGUF files (tests/fixtures/make_gguf.py writes them from our fixture checkpoints the way
 //! llama.cpp's converter does): the same logits as the HF reference for F32/F16/BF16 files, the
 //! same model as in-situ quantization for Q8_0, Q4_0, Q4_K and Q6_K files, the tokenizer rebuilt
-//! from the metadata,
-//! and a clear error for every kind of bad file.
+//! from the metadata, and a clear error for every kind of bad file.
 
 use std::path::{Path, PathBuf};
 
