@@ -104,6 +104,25 @@ fn float_gguf_files_give_the_reference_logits() {
 }
 
 #[test]
+fn bf16_weights_run_in_bf16_on_the_cpu_close_to_the_reference() {
+    // --dtype bf16: weights and activations bf16, the matmuls on our bf16 kernel.
+    let (prompts, reference) = expected("pow2");
+    let model = Mpt::load_with(
+        &ModelSource::Gguf(gguf("pow2-bf16.gguf")),
+        &Device::Cpu,
+        DType::BF16,
+        LoadOptions::default(),
+        &|_| {},
+    )
+    .expect("bf16 model");
+    assert_eq!(model.dtype(), DType::BF16);
+    for (prompt, want) in prompts.iter().zip(&reference) {
+        let err = rel_err(&logits(&model, prompt).concat(), want);
+        assert!(err <= 6e-2, "bf16 activations: logits rel err {err}");
+    }
+}
+
+#[test]
 fn q8_0_gguf_files_are_the_in_situ_quantized_checkpoint() {
     // The converter and our loader quantize the same f32 values with ggml's rounding: the two
     // models must hold the same weights, so the logits agree to the last bit.
