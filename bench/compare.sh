@@ -28,6 +28,7 @@
 # the same GGUF file, ours with --model FILE.gguf), BENCH_NO_TORCH=1 (write that GGUF with
 # tests/fixtures/make_gguf.py from random weights of the same shape instead of torch +
 # llama.cpp's converter; needs `gguf numpy safetensors ml_dtypes` in the python).
+# BENCH_LONG (1: also the long-context runs below; only: just them), BENCH_LONG_CHUNK (512).
 # Every step has a time limit; every bench level stops by itself (request count + time cap).
 set -euo pipefail
 
@@ -192,7 +193,8 @@ run_load() { # label, port, extra decode flags...
     --output "$dir/overhead.json" | tee "$dir/overhead.txt"
 }
 
-if [[ ${BENCH_ONLY:-ours} != llama ]]; then
+LONG=${BENCH_LONG:-0}
+if [[ $LONG != only && ${BENCH_ONLY:-ours} != llama ]]; then
   log "starting mpt-server on 127.0.0.1:$PORT_OURS (threads $THREADS, max-num-seqs $PARALLEL)"
   "$SERVER" "${OURS_MODEL[@]}" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
     --port "$PORT_OURS" --threads "$THREADS" --max-num-seqs "$PARALLEL" \
@@ -203,7 +205,7 @@ if [[ ${BENCH_ONLY:-ours} != llama ]]; then
   stop_server
 fi
 
-if [[ ${BENCH_ONLY:-llama} != ours ]]; then
+if [[ $LONG != only && ${BENCH_ONLY:-llama} != ours ]]; then
   log "starting llama-server on 127.0.0.1:$PORT_LLAMA (threads $THREADS, -np $PARALLEL, -cb)"
   # -c: 1024 tokens of context per parallel sequence (prompt 512 + output, or 128 + 128).
   LLAMA_ARGS=(-m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA"
@@ -226,6 +228,105 @@ if [[ ${BENCH_ONLY:-llama} != ours ]]; then
   wait_ready "$PORT_LLAMA" /health "$OUT/llama-server.log"
   run_load llama-server "$PORT_LLAMA" --kv-slots-per-seq "$LLAMA_SLOTS_PER_SEQ"
   stop_server
+fi
+
+# ---- long contexts (BENCH_LONG=1 adds them, BENCH_LONG=only runs only them) ------------------------
+# TTFT against prompt length (one request at a time, 1 output token) on both servers; 8k and 16k
+# prompts on ours alone (llama-server stops at the checkpoint's 2048-token training length);
+# decode speed at an 8k context; and a short request's TTFT while another request prefills 8k
+# tokens (ours with --max-num-batched-tokens $LONG_CHUNK, so chunks interleave).
+LONG_CHUNK=${BENCH_LONG_CHUNK:-512}
+long_ttft() { # label port lengths...
+  local label=$1 port=$2 dir=$OUT/$1/long
+  shift 2
+  mkdir -p "$dir"
+  echo "$label long: load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/loadavg.txt"
+  for n in "$@"; do
+    local reqs=3 warm=1
+    if ((n > 4000)); then reqs=1 warm=0; fi
+    log "$label: TTFT, prompt $n / output 1"
+    "$BENCH" run --url "http://127.0.0.1:$port/v1/completions" --model "$MODEL_NAME" \
+      --label "$label" --seed 3 --warmup "$warm" --max-duration 900 --grace 300 \
+      --request-timeout 900 --no-progress --kv-sample-interval 0 --scenario "ttft-$n" \
+      --prompt-tokens "$n" --output-tokens 1 --concurrency 1 --num-requests "$reqs" \
+      --output "$dir/ttft-$n.json" | tee "$dir/ttft-$n.txt"
+  done
+}
+if [[ $LONG != 0 && ${BENCH_ONLY:-ours} != llama ]]; then
+  log "starting mpt-server for long contexts (--max-model-len 16384)"
+  "$SERVER" --model "$CKPT" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
+    --port "$PORT_OURS" --threads "$THREADS" --dtype f32 --max-model-len 16384 \
+    >"$OUT/mpt-server-long.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$PORT_OURS" /ready "$OUT/mpt-server-long.log"
+  long_ttft mpt-serve "$PORT_OURS" 128 512 1024 2000 8000 16000
+  log "mpt-serve: decode at an 8k context (prompt 8000 / output 64)"
+  "$BENCH" run --url "http://127.0.0.1:$PORT_OURS/v1/completions" --model "$MODEL_NAME" \
+    --label mpt-serve --seed 4 --warmup 0 --max-duration 900 --grace 300 --request-timeout 900 \
+    --no-progress --kv-sample-interval 0 --scenario decode-8k --prompt-tokens 8000 \
+    --output-tokens 64 --concurrency 1 --num-requests 1 \
+    --output "$OUT/mpt-serve/long/decode-8k.json" | tee "$OUT/mpt-serve/long/decode-8k.txt"
+  stop_server
+  log "starting mpt-server with --max-num-batched-tokens $LONG_CHUNK for the interleaving run"
+  "$SERVER" --model "$CKPT" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
+    --port "$PORT_OURS" --threads "$THREADS" --dtype f32 --max-model-len 16384 \
+    --max-num-batched-tokens "$LONG_CHUNK" >"$OUT/mpt-server-interleave.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$PORT_OURS" /ready "$OUT/mpt-server-interleave.log"
+  common_long=(--url "http://127.0.0.1:$PORT_OURS/v1/completions" --model "$MODEL_NAME"
+    --label mpt-serve --warmup 0 --max-duration 900 --grace 300 --request-timeout 900
+    --no-progress --kv-sample-interval 0 --concurrency 1)
+  "$BENCH" run "${common_long[@]}" --seed 5 --scenario prefill-8k-background \
+    --prompt-tokens 8000 --output-tokens 1 --num-requests 1 \
+    --output "$OUT/mpt-serve/long/background-8k.json" >"$OUT/mpt-serve/long/background-8k.txt" &
+  BACKGROUND=$!
+  sleep 3 # the long prompt is a few chunks in
+  log "mpt-serve: short requests (32 / 1) while an 8k prompt prefills"
+  "$BENCH" run "${common_long[@]}" --seed 6 --scenario short-during-8k --prompt-tokens 32 \
+    --output-tokens 1 --num-requests 4 --output "$OUT/mpt-serve/long/short-during-8k.json" \
+    | tee "$OUT/mpt-serve/long/short-during-8k.txt"
+  wait "$BACKGROUND"
+  stop_server
+fi
+if [[ $LONG != 0 && ${BENCH_ONLY:-llama} != ours ]]; then
+  log "starting llama-server for long contexts (-np 1 -c 4096)"
+  "$LLAMA_SERVER" -m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA" \
+    -t "$THREADS" -tb "$THREADS" -np 1 -c 4096 >"$OUT/llama-server-long.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$PORT_LLAMA" /health "$OUT/llama-server-long.log"
+  long_ttft llama-server "$PORT_LLAMA" 128 512 1024 2000
+  stop_server
+fi
+if [[ $LONG != 0 ]]; then
+  "$PY" - "$OUT" >"$OUT/long-context.md" <<'PYEOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def level(path):
+    try:
+        return json.loads(path.read_text())["levels"][0]
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+def p50(lv, key):
+    return lv[key]["p50"] if lv and lv.get(key) else None
+print("| prompt tokens | mpt-serve TTFT p50 (s) | llama-server TTFT p50 (s) | ratio (>1: mpt-serve faster) |")
+print("| ---: | ---: | ---: | ---: |")
+for n in [128, 512, 1024, 2000, 8000, 16000]:
+    ours = p50(level(out / "mpt-serve/long" / f"ttft-{n}.json"), "ttft_ms")
+    theirs = p50(level(out / "llama-server/long" / f"ttft-{n}.json"), "ttft_ms")
+    fmt = lambda v: f"{v / 1000:.2f}" if v else "–"
+    ratio = f"{theirs / ours:.2f}×" if ours and theirs else ""
+    print(f"| {n} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+d = level(out / "mpt-serve/long/decode-8k.json")
+if d:
+    print(f"\nDecode at an 8k context: TPOT p50 {p50(d, 'tpot_ms'):.1f} ms "
+          f"({1000 / p50(d, 'tpot_ms'):.1f} tok/s).")
+s = level(out / "mpt-serve/long/short-during-8k.json")
+if s:
+    t = s["ttft_ms"]
+    print(f"Short requests (32 tokens) during an 8k prefill: TTFT p50 {t['p50'] / 1000:.2f} s, "
+          f"max {t['max'] / 1000:.2f} s over {t['count']} requests.")
+PYEOF
+  cat "$OUT/long-context.md"
 fi
 
 # ---- 6. the table ---------------------------------------------------------------------------------

@@ -176,8 +176,10 @@ async fn api_key_guards_the_api_but_not_the_probes() {
         .await
         .expect("sent");
     assert_eq!(right.status(), 200);
-    for path in ["/tokenize", "/detokenize"] {
-        let body = json!({"model": MODEL, "prompt": "hi", "tokens": [1]});
+    for (path, body) in [
+        ("/tokenize", json!({"model": MODEL, "prompt": "hi"})),
+        ("/detokenize", json!({"model": MODEL, "tokens": [1]})),
+    ] {
         let missing = c.post(url(&server, path)).json(&body).send().await;
         assert_eq!(missing.expect("sent").status(), 401, "{path}");
         let right = c

@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// Extra JSON object merged into every request body (e.g. `{"cache_prompt":false}`).
     #[arg(long, value_name = "JSON")]
     pub extra_body: Option<String>,
+    /// JSON Schema file: every request asks for output valid against it (`response_format`
+    /// json_schema); such an output ends when its value is complete.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
     /// Seed of prompts, lengths and arrival times (same seed → same requests).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -221,6 +225,27 @@ impl RunArgs {
                 Err(e) => Err(format!("--extra-body is not valid JSON: {e}")),
             },
         }
+    }
+
+    /// The `response_format` of `--json-schema`, read from its file.
+    pub fn response_format(&self) -> Result<Option<serde_json::Value>, String> {
+        let Some(path) = &self.json_schema else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--json-schema {}: {e}", path.display()))?;
+        let schema: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("--json-schema {}: not JSON: {e}", path.display()))?;
+        if !schema.is_object() {
+            return Err(format!(
+                "--json-schema {}: must be a JSON object",
+                path.display()
+            ));
+        }
+        Ok(Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": schema, "strict": true},
+        })))
     }
 
     /// The metrics endpoint: `--metrics-url`, else `/metrics` on the `--url` host.
@@ -347,6 +372,16 @@ mod tests {
             (a.metrics_url().as_deref(), a.kv_slots_per_seq),
             (Some("http://h:1/m"), Some(1024))
         );
+        let schema =
+            std::env::temp_dir().join(format!("mpt-bench-schema-{}.json", std::process::id()));
+        std::fs::write(&schema, r#"{"type":"object"}"#).expect("temp file");
+        let a = parse(&["--json-schema", schema.to_str().expect("utf-8")]).expect("parses");
+        let format = a.response_format().expect("read").expect("set");
+        assert_eq!(format["json_schema"]["schema"]["type"], "object");
+        std::fs::write(&schema, "[1]").expect("temp file");
+        assert!(a.response_format().is_err());
+        let _ = std::fs::remove_file(&schema);
+        assert_eq!(parse(&[]).expect("parses").response_format(), Ok(None));
         let a = parse(&["--extra-body", r#"{"cache_prompt":false}"#]).expect("parses");
         assert_eq!(a.extra_body().expect("object")["cache_prompt"], false);
         assert!(

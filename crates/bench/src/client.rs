@@ -2,8 +2,9 @@
 //!
 //! Invariants: the clock starts just before the request is sent and every time is taken when a
 //! chunk's bytes arrive (so TTFT includes connection, queueing and prefill, as a user sees it);
-//! the output length is forced (`max_tokens` = `min_tokens` = `n_predict`, `ignore_eos`) so
-//! every server does the same work; a request never panics on what a server sends: anything
+//! the output length is forced (`max_tokens` = `min_tokens`, `ignore_eos`; llama.cpp reads
+//! `max_tokens` as its `n_predict`) so every server does the same work, except that an output
+//! under `--json-schema` ends when its JSON value is complete; a request never panics on what a server sends: anything
 //! unexpected becomes the record's `error`. A request that fails to send (no response at all)
 //! is sent once more with a fresh clock, so a stale keep-alive connection is not a failure.
 
@@ -33,6 +34,8 @@ pub struct Target {
     pub request_timeout: Duration,
     /// Keep the server-reported prefill time a response carries (`timings.prompt_ms`).
     pub server_timings: bool,
+    /// `response_format` sent with each request (`--json-schema`).
+    pub response_format: Option<Value>,
 }
 
 /// The JSON body for one request.
@@ -40,9 +43,8 @@ pub fn request_body(target: &Target, req: &PlannedRequest) -> Value {
     let mut body = json!({
         "prompt": req.prompt,
         "max_tokens": req.output_tokens,
-        // vLLM and ours: do not stop before max_tokens. llama.cpp: n_predict + ignore_eos.
+        // vLLM and ours: do not stop before max_tokens; llama.cpp: ignore_eos.
         "min_tokens": req.output_tokens,
-        "n_predict": req.output_tokens,
         "ignore_eos": true,
         "temperature": target.temperature,
         "stream": true,
@@ -53,6 +55,9 @@ pub fn request_body(target: &Target, req: &PlannedRequest) -> Value {
         .expect("json! object literal; this is a bug");
     if let Some(m) = &target.model {
         obj.insert("model".into(), Value::String(m.clone()));
+    }
+    if let Some(format) = &target.response_format {
+        obj.insert("response_format".into(), format.clone());
     }
     for (k, v) in &target.extra_body {
         obj.insert(k.clone(), v.clone());
@@ -281,6 +286,7 @@ mod tests {
             extra_body: extra,
             request_timeout: Duration::from_secs(1),
             server_timings: true,
+            response_format: None,
         }
     }
 
@@ -289,7 +295,17 @@ mod tests {
         let b = request_body(&target(), &planned());
         assert_eq!(b["max_tokens"], 3);
         assert_eq!(b["min_tokens"], 3);
-        assert_eq!(b["n_predict"], 3);
+        assert!(
+            b.get("n_predict").is_none(),
+            "servers that check fields refuse it"
+        );
+        assert!(b.get("response_format").is_none());
+        let mut t = target();
+        t.response_format = Some(json!({"type": "json_object"}));
+        assert_eq!(
+            request_body(&t, &planned())["response_format"]["type"],
+            "json_object"
+        );
         assert_eq!(b["ignore_eos"], true);
         assert_eq!(b["stream_options"]["include_usage"], true);
         assert_eq!(b["model"], "m");

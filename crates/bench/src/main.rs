@@ -161,6 +161,7 @@ async fn run(args: RunArgs) -> Result<()> {
         extra_body: args.extra_body().map_err(anyhow::Error::msg)?,
         request_timeout: Duration::from_secs_f64(args.request_timeout),
         server_timings: args.server_timings,
+        response_format: args.response_format().map_err(anyhow::Error::msg)?,
     };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)

@@ -3,8 +3,9 @@
 //! many sequences are prefilled one after the other and then decode together, one row each per
 //! step, as the scheduler batches them.
 //!
-//! `cargo run --release -p mpt-engine --example decode_speed -- [MODEL_DIR] [PROMPT_LEN] [NEW_TOKENS] [BATCH]`
-//! (no MODEL_DIR or `demo`: the bundled demo model).
+//! `cargo run --release -p mpt-engine --example decode_speed -- [MODEL_DIR] [PROMPT_LEN] [NEW_TOKENS] [BATCH] [KV_DTYPE] [CHUNK]`
+//! (no MODEL_DIR or `demo`: the bundled demo model; KV_DTYPE f32 (default), f16 or bf16; the
+//! prompt is prefilled in steps of CHUNK tokens, default all at once).
 
 use std::time::Instant;
 
@@ -23,14 +24,27 @@ fn main() -> anyhow::Result<()> {
     let new_tokens: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(128);
     let batch_size: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1);
     anyhow::ensure!(batch_size >= 1, "BATCH must be at least 1");
+    let kv_dtype = match args.get(4).map(String::as_str) {
+        None | Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => anyhow::bail!("KV_DTYPE must be f32, f16 or bf16, not {other}"),
+    };
+    let chunk: usize = args
+        .get(5)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(prompt_len)
+        .max(1);
     let model = Mpt::load(&source, &Device::Cpu, DType::F32)?;
     let block_size = 16;
     let blocks_per_seq = (prompt_len + new_tokens).div_ceil(block_size);
-    let mut cache = KvCache::new(
+    let mut cache = KvCache::with_dtype(
         model.config(),
         blocks_per_seq * batch_size,
         block_size,
         &Device::Cpu,
+        kv_dtype,
     )?;
     let tables: Vec<Vec<u32>> = (0..batch_size)
         .map(|s| {
@@ -58,15 +72,19 @@ fn main() -> anyhow::Result<()> {
         let prompt: Vec<u32> = (0..prompt_len as u32)
             .map(|i| (i * 7919 + s as u32 * 31) % 50000)
             .collect();
-        let batch = ModelBatch {
-            seqs: vec![SeqChunk {
-                tokens: prompt,
-                start_pos: 0,
-                block_table: table.clone(),
-                logits: LogitsWanted::Last,
-            }],
-        };
-        let logits = model.forward(&batch, &mut cache)?;
+        let mut logits = None;
+        for (c, piece) in prompt.chunks(chunk).enumerate() {
+            let batch = ModelBatch {
+                seqs: vec![SeqChunk {
+                    tokens: piece.to_vec(),
+                    start_pos: c * chunk,
+                    block_table: table.clone(),
+                    logits: LogitsWanted::Last,
+                }],
+            };
+            logits = Some(model.forward(&batch, &mut cache)?);
+        }
+        let logits = logits.expect("the prompt has at least one chunk");
         next.push(logits.argmax(1)?.to_vec1::<u32>()?[0]);
     }
     let prefill = start.elapsed() / batch_size as u32;

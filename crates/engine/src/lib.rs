@@ -7,7 +7,8 @@
 //! - [`core`]: the engine thread — loading, the step loop, per-request bookkeeping.
 //! - [`sched`]: the continuous-batching scheduler and its sequences (pure data).
 //! - [`kv`]: the paged KV cache — block allocator, prefix cache, storage, pool sizing.
-//! - [`decode`]: sampling, stop conditions, streaming detokenization.
+//! - [`decode`]: sampling, stop conditions, streaming detokenization, grammar masks
+//!   (structured outputs).
 //! - [`model`]: MPT itself — config, weights, the forward pass, paged attention backends.
 //! - `kernels`: CPU SIMD kernels (instruction-set detection, matmul, fast maths, GELU).
 
@@ -21,8 +22,8 @@ pub mod sched;
 pub mod tokenizer;
 
 pub use api::config::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
-    ModelSource, Quantization,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
+    LoadFormat, ModelSource, Quantization,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

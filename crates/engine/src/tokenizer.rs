@@ -78,6 +78,67 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The bytes each id stands for, `size` entries (the model's padded vocabulary): a
+    /// byte-level BPE token's bytes, an added token's text, a special token's text after
+    /// llguidance's marker byte 0xFF (so it never counts as text), and nothing for ids the
+    /// tokenizer does not have. An error for tokenizers that are not byte-level.
+    pub fn token_bytes(&self, size: usize) -> Result<Vec<Vec<u8>>> {
+        if !matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        ) {
+            return Err(EngineError::Tokenizer(
+                "structured outputs need a byte-level BPE tokenizer (as MPT's)".into(),
+            ));
+        }
+        let unicode_to_byte = byte_level_alphabet();
+        let mut out = vec![Vec::new(); size];
+        for (piece, id) in self.inner.get_vocab(false) {
+            let Some(slot) = out.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = piece
+                .chars()
+                .map(|c| unicode_to_byte.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| {
+                    EngineError::Tokenizer(format!(
+                        "token {id} ({piece:?}) is not in the byte-level alphabet"
+                    ))
+                })?;
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            if let Some(slot) = out.get_mut(id as usize) {
+                *slot = if added.special {
+                    let mut bytes = vec![0xFF];
+                    bytes.extend_from_slice(added.content.as_bytes());
+                    bytes
+                } else {
+                    added.content.into_bytes()
+                };
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other 68
+/// bytes for the characters U+0100 onwards, in byte order.
+fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (char::from(b), b)
+            } else {
+                let c = char::from_u32(next).expect("U+0100..U+0144 are chars: this is a bug");
+                next += 1;
+                (c, b)
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -114,6 +175,27 @@ pub(crate) mod tests {
             "",
             "special tokens are skipped"
         );
+    }
+
+    #[test]
+    fn token_bytes_concatenate_to_the_text() {
+        let tok = demo_tokenizer();
+        let bytes = tok.token_bytes(50432).expect("byte-level");
+        assert_eq!(bytes.len(), 50432);
+        for text in TEXTS {
+            let ids = tok.encode(text).expect("encode");
+            let joined: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| bytes[i as usize].clone())
+                .collect();
+            assert_eq!(String::from_utf8(joined).expect("utf-8"), *text);
+        }
+        assert_eq!(
+            bytes[0],
+            b"\xFF<|endoftext|>".to_vec(),
+            "special tokens are marked"
+        );
+        assert!(bytes[50300].is_empty(), "padding ids have no bytes");
     }
 
     #[test]

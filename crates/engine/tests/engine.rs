@@ -3,86 +3,13 @@
 
 mod common;
 
-use common::request;
-use std::time::{Duration, Instant};
+use common::*;
+use std::time::Instant;
 
 use mpt_engine::{
     EngineConfig, EngineHandle, Event, EventStream, FinishReason, GenerateRequest, KvCacheSize,
-    SamplingParams, SubmitError,
+    SamplingParams,
 };
-
-fn engine(f: impl FnOnce(&mut EngineConfig)) -> EngineHandle {
-    let mut config = EngineConfig {
-        kv_cache: KvCacheSize::Blocks(512),
-        threads: Some(2),
-        ..Default::default()
-    };
-    f(&mut config);
-    EngineHandle::start(config).expect("demo engine starts")
-}
-
-/// Everything one request produced.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct Output {
-    tokens: Vec<Vec<u32>>,
-    text: Vec<String>,
-    finish: Vec<Option<FinishReason>>,
-    completed: bool,
-    prompt_logprobs: usize,
-    completion_tokens: usize,
-}
-
-fn collect(mut stream: EventStream) -> Output {
-    let mut out = Output::default();
-    while let Some(event) = stream.blocking_recv() {
-        match event {
-            Event::Delta(d) => {
-                if out.tokens.len() <= d.index {
-                    out.tokens.resize(d.index + 1, Vec::new());
-                    out.text.resize(d.index + 1, String::new());
-                    out.finish.resize(d.index + 1, None);
-                }
-                out.tokens[d.index].extend(&d.token_ids);
-                out.text[d.index].push_str(&d.text);
-            }
-            Event::ChoiceFinished { index, reason } => {
-                if out.finish.len() <= index {
-                    out.finish.resize(index + 1, None);
-                }
-                assert!(
-                    out.finish[index].replace(reason).is_none(),
-                    "one finish per choice"
-                );
-            }
-            Event::PromptLogprobs(lp) => out.prompt_logprobs = lp.len(),
-            Event::Completed { usage, .. } => {
-                out.completed = true;
-                out.completion_tokens = usage.completion_tokens;
-                break;
-            }
-            Event::Failed(message) => panic!("request failed: {message}"),
-        }
-    }
-    out
-}
-
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| (seed * 7919 + i * 104_729) % 50_000 + 1)
-        .collect()
-}
-
-fn wait_until(engine: &EngineHandle, what: &str, cond: impl Fn(&mpt_engine::EngineStats) -> bool) {
-    let start = Instant::now();
-    while !cond(&engine.stats()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}: {:?}",
-            engine.stats()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Each request alone, then all at once on a second engine of the same settings, so that the
 /// batched run computes every prompt itself instead of finding it in the prefix cache.
@@ -427,132 +354,6 @@ fn prompt_logprobs_and_max_tokens_zero() {
     assert!(out.completed);
 }
 
-#[test]
-fn submit_rejects_what_can_never_run() {
-    let e = engine(|c| {
-        c.max_model_len = Some(100);
-        c.max_num_seqs = 4;
-    });
-    assert_eq!(
-        e.submit(request(prompt(0, 60), 50)).expect_err("too long"),
-        SubmitError::ContextLength {
-            prompt_tokens: 60,
-            max_tokens: 50,
-            max_model_len: 100
-        }
-    );
-    assert_eq!(
-        e.submit(request(vec![1, 60_000], 1)).expect_err("bad id"),
-        SubmitError::TokenOutOfVocabulary {
-            token: 60_000,
-            vocab_size: 50_432
-        }
-    );
-    let mut forks = request(prompt(2, 5), 5);
-    forks.best_of = 5;
-    assert_eq!(
-        e.submit(forks)
-            .expect_err("more sequences than ever run at once"),
-        SubmitError::ChoiceCount {
-            n: 1,
-            best_of: 5,
-            max_sequences: 4
-        }
-    );
-}
-
-#[test]
-fn a_pool_that_cannot_hold_one_full_length_sequence_is_refused_at_start() {
-    let err = EngineHandle::start(EngineConfig {
-        block_size: 4,
-        kv_cache: KvCacheSize::Blocks(3),
-        ..Default::default()
-    })
-    .expect_err("12 tokens of KV cache for a 2048-token context");
-    let text = err.to_string();
-    assert!(
-        text.contains("--num-kv-blocks") && text.contains("--max-model-len 2048"),
-        "{text}"
-    );
-    let fits = engine(|c| {
-        c.block_size = 4;
-        c.kv_cache = KvCacheSize::Blocks(3);
-        c.max_model_len = Some(12);
-    });
-    assert_eq!(fits.model_info().max_model_len, 12);
-}
-
-#[test]
-fn no_waiting_room_still_serves_what_can_start_at_once() {
-    let e = engine(|c| {
-        c.max_num_seqs = 2;
-        c.max_queue_size = 0;
-    });
-    let out = collect(
-        e.submit(request(prompt(800, 5), 3))
-            .expect("an idle engine serves"),
-    );
-    assert!(out.completed);
-    wait_until(&e, "idle", |s| s.num_running == 0 && s.num_waiting == 0);
-    let running: Vec<EventStream> = (0..2)
-        .map(|i| {
-            e.submit(request(prompt(801 + i, 5), 500))
-                .expect("a free slot each")
-        })
-        .collect();
-    assert_eq!(
-        e.submit(request(prompt(809, 5), 3))
-            .expect_err("both slots taken"),
-        SubmitError::QueueFull
-    );
-    let mut forks = request(prompt(810, 5), 3);
-    forks.best_of = 2;
-    assert_eq!(
-        e.submit(forks).expect_err("no room for two"),
-        SubmitError::QueueFull
-    );
-    drop(running);
-    // Idle once the engine has taken in all three accepted prompts and dropped the two.
-    wait_until(&e, "idle", |s| {
-        s.prompt_tokens == 15 && s.num_running == 0 && s.num_waiting == 0
-    });
-    let out = collect(e.submit(request(prompt(811, 5), 3)).expect("served again"));
-    assert!(out.completed);
-}
-
-#[test]
-fn queue_full_shutdown_and_abort_all() {
-    let e = engine(|c| {
-        c.max_num_seqs = 1;
-        c.max_queue_size = 2;
-    });
-    let mut streams = Vec::new();
-    let mut full = 0;
-    for i in 0..5 {
-        match e.submit(request(prompt(700 + i, 5), 1000)) {
-            Ok(s) => streams.push(s),
-            Err(SubmitError::QueueFull) => full += 1,
-            Err(other) => panic!("unexpected {other:?}"),
-        }
-    }
-    assert!(full > 0, "at most 2 may wait behind the one running");
-    e.begin_shutdown();
-    assert_eq!(
-        e.submit(request(prompt(9, 3), 1)).expect_err("draining"),
-        SubmitError::ShuttingDown
-    );
-    e.abort_all();
-    for s in streams {
-        let out = collect(s);
-        assert!(out.completed);
-        assert_eq!(
-            out.finish.last().copied().flatten(),
-            Some(FinishReason::Abort)
-        );
-    }
-    assert!(e.is_alive());
-}
-
 /// Decode throughput of the demo model at 1, 4 and 16 concurrent sequences (prompt 128, 128 new
 /// tokens each). Run with `--ignored --nocapture`; prints tokens/s.
 #[test]
@@ -579,4 +380,39 @@ fn decode_throughput_demo_model() {
             128 * concurrency
         );
     }
+}
+
+/// Absolute time of a request's first token: its submission plus the engine's `first_token`.
+fn first_token_at(submitted: Instant, mut stream: EventStream) -> Instant {
+    while let Some(event) = stream.blocking_recv() {
+        match event {
+            Event::Completed { timings, .. } => {
+                return submitted + timings.first_token.expect("a token was generated");
+            }
+            Event::Failed(message) => panic!("request failed: {message}"),
+            _ => {}
+        }
+    }
+    panic!("stream ended without Completed")
+}
+
+#[test]
+fn a_short_request_during_a_long_prefill_gets_its_first_token_first() {
+    // A 1,500-token prompt in chunks of 64 takes 24 steps; a short request submitted right
+    // after it is admitted beside the long prefill's next chunk instead of waiting for all of
+    // them, so its first token comes long before the long request's.
+    let engine = engine(|c| c.max_num_batched_tokens = 64);
+    let long_at = Instant::now();
+    let long = engine
+        .submit(request(prompt(1, 1500), 1))
+        .expect("accepted");
+    let short_at = Instant::now();
+    let short = engine.submit(request(prompt(2, 12), 1)).expect("accepted");
+    let short_first = first_token_at(short_at, short);
+    let long_first = first_token_at(long_at, long);
+    assert!(
+        short_first < long_first,
+        "the short request waited for the whole prefill ({:?} after the long one's first token)",
+        short_first - long_first
+    );
 }

@@ -92,8 +92,13 @@ fn dummy_weights_serve_a_directory_without_weight_files() {
             .all(|&t| (t as usize) < fixture_config.vocab_size)
     );
     assert!(!text.is_empty());
-    // The automatic cache on the CPU is the default byte budget of f32 blocks.
-    let per_block = KvCache::bytes_per_block_dtype(&fixture_config, 16, DType::F32);
+    // The automatic cache on the CPU is the default byte budget of f16 blocks (auto dtype).
+    let per_block = KvCache::bytes_per_block_dtype(&fixture_config, 16, DType::F16);
+    assert_eq!(engine.model_info().kv_cache_dtype, "f16");
+    assert_eq!(
+        engine.model_info().kv_cache_bytes,
+        engine.stats().kv_blocks_total as u64 * per_block
+    );
     assert_eq!(
         engine.stats().kv_blocks_total as u64,
         DEFAULT_CPU_KV_CACHE_BYTES / per_block

@@ -223,6 +223,13 @@ impl From<SubmitError> for ApiError {
                 };
                 invalid(param, format!("{param} must be at most {max}"), None)
             }
+            // The routes compile constraints first and name the field themselves
+            // (`generation::compile`); this is the fallback wording.
+            SubmitError::InvalidConstraint(reason) => Self::Invalid {
+                message: format!("the output constraint does not compile: {reason}"),
+                param: None,
+                code: None,
+            },
             SubmitError::SamplingOutOfRange { param, value } => {
                 let (name, range) = match param {
                     SamplingParam::Temperature => ("temperature", "≥ 0"),

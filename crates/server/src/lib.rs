@@ -262,6 +262,7 @@ fn new_state(config: &ServerConfig) -> AppState {
         max_inflight: config.max_num_seqs.saturating_add(config.max_queue_size),
         cors_allow_origin: config.cors_allow_origin.clone(),
         timeouts: config.timeouts,
+        allow_unknown_fields: config.allow_unknown_fields,
     })
 }
 

@@ -52,6 +52,8 @@ pub mod names {
     pub const KV_CACHE_FILLED_TOKENS: &str = "mpt:kv_cache_filled_tokens";
     /// Allocated but unfilled slots / allocated slots, 0–1 (0 when nothing is allocated).
     pub const KV_CACHE_WASTE: &str = "mpt:kv_cache_waste_perc";
+    /// Bytes of the KV pool, labelled with its element type (`dtype`).
+    pub const KV_CACHE_BYTES: &str = "mpt:kv_cache_bytes";
     /// Prompt blocks looked up in the prefix cache.
     pub const PREFIX_CACHE_QUERIES: &str = "vllm:prefix_cache_queries_total";
     /// Prompt blocks found in the prefix cache.
@@ -97,6 +99,7 @@ pub struct Metrics {
     kv_allocated: GaugeVec,
     kv_filled: GaugeVec,
     kv_waste: GaugeVec,
+    kv_bytes: GaugeVec,
     http_requests: IntCounterVec,
     rejected: IntCounterVec,
 }
@@ -211,6 +214,17 @@ impl Metrics {
                 KV_CACHE_WASTE,
                 "Allocated but unfilled KV slots over allocated slots, 1 means 100 percent.",
             ),
+            kv_bytes: register(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        KV_CACHE_BYTES,
+                        "Bytes of the KV-cache pool, by element type.",
+                    ),
+                    &["model_name", "dtype"],
+                )
+                .expect("valid gauge; this is a bug"),
+            ),
             http_requests: counter(
                 HTTP_REQUESTS,
                 "HTTP requests by route and status.",
@@ -283,6 +297,13 @@ impl Metrics {
         for _ in 0..tokens {
             h.observe(each);
         }
+    }
+
+    /// Records the KV pool's size and element type (once the engine is loaded).
+    pub fn set_kv_cache(&self, dtype: &str, bytes: u64) {
+        self.kv_bytes
+            .with_label_values(&[self.model_name.as_str(), dtype])
+            .set(bytes as f64);
     }
 
     /// Copies the engine's gauges and counters into the registry.
@@ -385,6 +406,17 @@ mod tests {
         let text = m.render(Some(&stats));
         assert!(
             text.contains("vllm:prompt_tokens_total{model_name=\"demo\"} 7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kv_cache_size_is_exported_with_its_dtype() {
+        let m = Metrics::new("demo");
+        m.set_kv_cache("f16", 1 << 30);
+        let text = m.render(None);
+        assert!(
+            text.contains("mpt:kv_cache_bytes{dtype=\"f16\",model_name=\"demo\"} 1073741824"),
             "{text}"
         );
     }

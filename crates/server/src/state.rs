@@ -34,6 +34,8 @@ pub struct StateConfig {
     pub cors_allow_origin: Vec<String>,
     /// Client timeouts and the keep-alive interval of streams.
     pub timeouts: Timeouts,
+    /// Log and ignore unrecognized request fields instead of answering 400.
+    pub allow_unknown_fields: bool,
 }
 
 /// What exists only after the model loaded.
@@ -104,6 +106,9 @@ impl AppState {
 
     /// Installs the loaded engine; later calls are ignored.
     pub fn set_loaded(&self, loaded: Loaded) {
+        let info = loaded.engine.model_info();
+        let (dtype, bytes) = (info.kv_cache_dtype, info.kv_cache_bytes);
+        self.shared.metrics.set_kv_cache(dtype, bytes);
         let _ = self.shared.loaded.set(loaded);
     }
 

@@ -27,6 +27,36 @@ pub enum DTypeSpec {
     Bf16,
 }
 
+/// Element type of the paged KV cache (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// f16 on the CPU (as llama.cpp does); on a GPU bf16, or f16 when the weights are f16.
+    #[default]
+    Auto,
+    /// 32-bit floats (exact; twice the memory).
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl KvCacheDtype {
+    /// The names accepted on the command line, in order.
+    pub const NAMES: [&'static str; 4] = ["auto", "f32", "f16", "bf16"];
+
+    /// Parses one of [`Self::NAMES`].
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "auto" => Self::Auto,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            _ => return None,
+        })
+    }
+}
+
 /// KV cache budget on the CPU when no size is given ([`KvCacheSize::Auto`]).
 pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 1 << 30;
 
@@ -145,6 +175,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// KV cache size.
     pub kv_cache: KvCacheSize,
+    /// KV cache element type.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Most sequences in one step.
     pub max_num_seqs: usize,
     /// Most tokens (prefill + decode) in one step.
@@ -187,6 +219,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             block_size: 16,
             kv_cache: KvCacheSize::Auto,
+            kv_cache_dtype: KvCacheDtype::Auto,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             max_queue_size: 256,

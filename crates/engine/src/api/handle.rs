@@ -1,9 +1,11 @@
 //! The server's view of the engine: start it, submit requests, read stats, shut it down.
 //!
-//! Invariants: `submit` never blocks — it validates the request, then `try_send`s it into a
-//! bounded channel; beyond the requests that can start at once, at most `max_queue_size` are
-//! accepted but not yet scheduled (`QueueFull` beyond that; 0 means no waiting room, and an idle
-//! engine still serves). After `begin_shutdown` every submit is `ShuttingDown`. Each request
+//! Invariants: `submit` never waits for the engine — it validates the request (compiling its
+//! constraint when it is not cached yet: bounded work on the caller's thread), then `try_send`s
+//! it into a bounded channel; beyond the requests that can start at once, at most
+//! `max_queue_size` are accepted but not yet scheduled (`QueueFull` beyond that; 0 means no
+//! waiting room, and an idle engine still serves). After `begin_shutdown` every submit is
+//! `ShuttingDown`. Each request
 //! gets its own unbounded event channel, so the engine thread never waits on a slow client;
 //! dropping the receiver cancels the request. The engine thread is joined when the last clone
 //! of the handle is dropped.
@@ -16,10 +18,13 @@ use std::time::Instant;
 
 use super::config::{AttentionKernels, DeviceSpec, EngineConfig};
 use super::error::{EngineError, Result};
-use super::types::{EngineStats, Event, GenerateRequest, LoadProgress, ModelInfo, SubmitError};
+use super::types::{
+    Constraint, EngineStats, Event, GenerateRequest, LoadProgress, ModelInfo, SubmitError,
+};
 use crate::core::admission::{Limits, validate};
 use crate::core::channel::{Command, Shared, Submission};
 use crate::core::engine;
+use crate::decode::grammar::GrammarCompiler;
 use crate::tokenizer::Tokenizer;
 
 /// Events of one request, in order; dropping it cancels the request.
@@ -32,6 +37,7 @@ struct Inner {
     tokenizer: Arc<Tokenizer>,
     model_info: ModelInfo,
     limits: Limits,
+    grammars: GrammarCompiler,
 }
 
 impl Drop for Inner {
@@ -120,6 +126,7 @@ impl EngineHandle {
                     tokenizer: ready.tokenizer,
                     model_info: ready.model_info,
                     limits: ready.limits,
+                    grammars: ready.grammars,
                 }),
             }),
             Ok(Err(e)) => {
@@ -133,8 +140,21 @@ impl EngineHandle {
         }
     }
 
-    /// Validates the request, then a bounded `try_send` into the engine; dropping the returned
-    /// stream cancels the request.
+    /// Compiles `constraint` into the grammar cache (or finds it there): blocking, up to
+    /// llguidance's limits, so async callers run it on a blocking thread before [`submit`],
+    /// which then finds it cached. The error says why the grammar is refused.
+    ///
+    /// [`submit`]: EngineHandle::submit
+    pub fn compile_constraint(&self, constraint: &Constraint) -> Result<(), SubmitError> {
+        self.inner
+            .grammars
+            .compile(constraint)
+            .map(drop)
+            .map_err(SubmitError::InvalidConstraint)
+    }
+
+    /// Validates the request (compiling its constraint if it is not cached), then a bounded
+    /// `try_send` into the engine; dropping the returned stream cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<EventStream, SubmitError> {
         let inner = &self.inner;
         if inner.shared.shutting_down.load(Ordering::SeqCst) {
@@ -144,6 +164,15 @@ impl EngineHandle {
             return Err(SubmitError::EngineStopped);
         }
         validate(&request, &inner.limits)?;
+        let grammar = match &request.constraint {
+            Some(c) => Some(
+                inner
+                    .grammars
+                    .compile(c)
+                    .map_err(SubmitError::InvalidConstraint)?,
+            ),
+            None => None,
+        };
         let (shared, limits) = (&inner.shared, &inner.limits);
         let seqs = request.best_of;
         if !shared.try_enqueue(seqs, limits.max_num_seqs, limits.max_queue_size) {
@@ -152,6 +181,7 @@ impl EngineHandle {
         let (events, stream) = tokio::sync::mpsc::unbounded_channel();
         let submission = Submission {
             request,
+            grammar,
             events,
             submitted: Instant::now(),
         };

@@ -24,6 +24,23 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// `Some(k)`: report logprobs of every prompt token after the first, with `k` alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// `Some`: every choice's output must match this grammar (structured outputs).
+    pub constraint: Option<Constraint>,
+}
+
+/// A grammar the output must match, as data. Compiled (and cached by its hash) when the
+/// request is submitted; the sequence ends with [`FinishReason::Stop`] once its output is
+/// complete and cannot be extended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Constraint {
+    /// A JSON Schema document (JSON text); the output is one JSON value valid against it.
+    JsonSchema(String),
+    /// A regular expression (Rust `regex` syntax) the whole output matches.
+    Regex(String),
+    /// The output is exactly one of these strings.
+    Choice(Vec<String>),
+    /// A context-free grammar in llguidance's Lark syntax (may embed `%json {...}` schemas).
+    Lark(String),
 }
 
 /// Sampling parameters; the defaults are greedy decoding with no penalties.
@@ -219,6 +236,10 @@ pub enum SubmitError {
         /// Most alternatives reported.
         max: usize,
     },
+    /// The constraint does not compile (or needs a feature the grammar engine cannot honour,
+    /// or exceeds its size and time limits).
+    #[error("invalid constraint: {0}")]
+    InvalidConstraint(String),
     /// A sampling parameter is outside its range.
     #[error("{param:?} = {value} is out of range")]
     SamplingOutOfRange {
@@ -292,6 +313,10 @@ pub struct ModelInfo {
     pub model_dir: Option<std::path::PathBuf>,
     /// The `chat_template` from `tokenizer_config.json`, when present.
     pub chat_template: Option<String>,
+    /// Element type of the KV cache: "f32", "f16" or "bf16".
+    pub kv_cache_dtype: &'static str,
+    /// Bytes of the whole KV pool (K and V, all layers).
+    pub kv_cache_bytes: u64,
 }
 
 /// How far weight loading has got, reported after each tensor is read.

@@ -14,10 +14,13 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::types::{EngineStats, Event, GenerateRequest};
+use crate::decode::grammar::Grammar;
 
 /// A request on its way into the engine.
 pub(crate) struct Submission {
     pub(crate) request: GenerateRequest,
+    /// The request's constraint, compiled by `submit`.
+    pub(crate) grammar: Option<Arc<Grammar>>,
     pub(crate) events: UnboundedSender<Event>,
     pub(crate) submitted: Instant,
 }

@@ -3,14 +3,17 @@
 //!
 //! Invariants: every choice gets exactly one `ChoiceFinished`, and every request exactly one
 //! final `Completed` (or `Failed`, sent by the engine); with `best_of > n` nothing is streamed
-//! and the best `n` choices are sent, renumbered, when the request completes.
+//! and the best `n` choices are sent, renumbered, when the request completes. A constrained
+//! choice samples only tokens its grammar allows (stop tokens banned by `min_tokens` too, unless
+//! the grammar allows nothing else) and finishes with `Stop` as soon as its output is complete,
+//! even on its `max_tokens`-th token; cut short before that it finishes with `Length`.
 
 use std::time::{Duration, Instant};
 
 use super::engine::Engine;
 use super::request::{Choice, Request};
-use crate::api::error::Result;
 use crate::api::types::{Delta, Event, FinishReason, Timings, Usage};
+use crate::decode::constraint::SeqConstraint;
 use crate::decode::detokenizer::IncrementalDecoder;
 use crate::decode::sampler::{Sampler, derive_seed, token_logprob};
 use crate::decode::stop::OutputText;
@@ -32,6 +35,11 @@ impl Engine {
                 &req.req.stop,
                 self.eos,
             ),
+            // Forks copy choice 0's state (nothing consumed yet, its mask possibly prepared).
+            constraint: match req.choices.first().and_then(|c| c.constraint.as_ref()) {
+                Some(parent) => Some(parent.fork()),
+                None => req.grammar.as_ref().map(SeqConstraint::new),
+            },
             finish: None,
             cum_logprob: 0.0,
             num_tokens: 0,
@@ -211,8 +219,8 @@ impl Engine {
             (0..=extra).collect()
         };
         for slot in slots {
-            if let Err(e) = self.sample_choice(key, slot, last) {
-                self.fail(key, format!("detokenization failed: {e}"));
+            if let Err(message) = self.sample_choice(key, slot, last) {
+                self.fail(key, message);
                 return;
             }
         }
@@ -221,7 +229,7 @@ impl Engine {
         }
     }
 
-    fn sample_choice(&mut self, key: u64, slot: usize, row: &[f32]) -> Result<()> {
+    fn sample_choice(&mut self, key: u64, slot: usize, row: &[f32]) -> Result<(), String> {
         let req = self
             .requests
             .get_mut(&key)
@@ -230,17 +238,34 @@ impl Engine {
         let want_logprobs = req.req.logprobs;
         let choice = &mut req.choices[slot];
         let banned = choice.text.banned_tokens();
-        let token = if banned.is_empty() {
-            choice.sampler.sample(row)
-        } else {
-            let mut masked = row.to_vec();
-            for b in banned {
-                if let Some(x) = masked.get_mut(b as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
+        let mask = match choice.constraint.as_mut() {
+            Some(constraint) => {
+                let mut mask = constraint.mask()?;
+                mask.remove_unless_empty(&banned);
+                Some(mask)
             }
-            choice.sampler.sample(&masked)
+            None => None,
         };
+        let token = match &mask {
+            Some(mask) if mask.num_allowed() == 0 => {
+                // The grammar cannot go on (nor end on EOS): what it produced is its output.
+                return self.finish_without_token(key, slot);
+            }
+            Some(mask) => choice.sampler.sample_masked(row, Some(mask)),
+            None if banned.is_empty() => choice.sampler.sample(row),
+            None => {
+                let mut masked = row.to_vec();
+                for b in banned {
+                    if let Some(x) = masked.get_mut(b as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                choice.sampler.sample(&masked)
+            }
+        };
+        if let Some(constraint) = choice.constraint.as_mut() {
+            constraint.consume(token)?;
+        }
         choice.sampler.record(token);
         let logprob = (want_logprobs.is_some() || buffered)
             .then(|| token_logprob(row, token, want_logprobs.unwrap_or(0)));
@@ -251,7 +276,19 @@ impl Engine {
         self.generation_tokens += 1;
         self.sched.append_token(choice.seq, token);
         req.first_token_at.get_or_insert_with(Instant::now);
-        let outcome = choice.text.push(token)?;
+        let detok = |e| format!("detokenization failed: {e}");
+        let mut outcome = choice.text.push(token).map_err(detok)?;
+        if choice
+            .constraint
+            .as_ref()
+            .is_some_and(SeqConstraint::is_complete)
+            && outcome.finish != Some(FinishReason::Stop)
+        {
+            if outcome.finish.is_none() {
+                outcome.text.push_str(&choice.text.finish().map_err(detok)?);
+            }
+            outcome.finish = Some(FinishReason::Stop);
+        }
         let logprobs = if want_logprobs.is_some() {
             logprob.into_iter().collect()
         } else {
@@ -282,6 +319,43 @@ impl Engine {
             self.owner.remove(&seq);
             self.sched.remove(seq);
         }
+        Ok(())
+    }
+
+    /// Ends a constrained choice whose grammar allows no further token, with `Stop` and the
+    /// text still held back.
+    fn finish_without_token(&mut self, key: u64, slot: usize) -> Result<(), String> {
+        let req = self
+            .requests
+            .get_mut(&key)
+            .expect("request exists: this is a bug");
+        let buffered = req.buffered();
+        let choice = &mut req.choices[slot];
+        let text = choice
+            .text
+            .finish()
+            .map_err(|e| format!("detokenization failed: {e}"))?;
+        choice.finish = Some(FinishReason::Stop);
+        let seq = choice.seq;
+        if buffered {
+            choice.buffer.text.push_str(&text);
+        } else {
+            if !text.is_empty() {
+                let delta = Delta {
+                    index: slot,
+                    token_ids: Vec::new(),
+                    text,
+                    logprobs: Vec::new(),
+                };
+                let _ = req.events.send(Event::Delta(delta));
+            }
+            let _ = req.events.send(Event::ChoiceFinished {
+                index: slot,
+                reason: FinishReason::Stop,
+            });
+        }
+        self.owner.remove(&seq);
+        self.sched.remove(seq);
         Ok(())
     }
 }

@@ -162,6 +162,7 @@ impl Engine {
         let Command::Submit(sub) = cmd else { return };
         let Submission {
             request,
+            grammar,
             events,
             submitted,
         } = *sub;
@@ -177,6 +178,7 @@ impl Engine {
         let mut req = Request {
             prompt_logprobs: vec![None; request.prompt_token_ids.len()],
             req: request,
+            grammar,
             events,
             submitted,
             scheduled_at: None,
@@ -254,7 +256,15 @@ impl Engine {
                 self.shared.dequeue(req.req.best_of);
             }
         }
-        let logits = match self.run_model(&step) {
+        let result = if self.faults.fail_forward_at_step == Some(self.steps) {
+            Err(format!(
+                "forward pass failed: injected fault at step {}",
+                self.steps
+            ))
+        } else {
+            self.forward_and_prepare_masks(&step)
+        };
+        let logits = match result {
             Ok(logits) => logits,
             Err(message) => {
                 let keys: Vec<u64> = step
@@ -281,14 +291,11 @@ impl Engine {
     }
 
     /// Applies the step's block copies and runs the forward pass, catching panics.
-    fn run_model(&mut self, step: &ScheduledStep) -> Result<Vec<f32>, String> {
-        if self.faults.fail_forward_at_step == Some(self.steps) {
-            return Err(format!(
-                "forward pass failed: injected fault at step {}",
-                self.steps
-            ));
-        }
-        let (model, cache) = (&self.model, &mut self.cache);
+    pub(super) fn run_model(
+        model: &Mpt,
+        cache: &mut KvCache,
+        step: &ScheduledStep,
+    ) -> Result<Vec<f32>, String> {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>> {
             for &(src, dst) in &step.copies {
                 cache.copy_block(src, dst)?;

@@ -10,10 +10,11 @@ use candle_core::{DType, Device};
 use super::admission::Limits;
 use crate::api::config::{
     AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, FaultPlan,
-    LoadFormat, ModelSource,
+    KvCacheDtype, LoadFormat, ModelSource,
 };
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{LoadProgress, ModelInfo};
+use crate::decode::grammar::GrammarCompiler;
 use crate::kv::KvCache;
 use crate::kv::budget::{PoolNeeds, fixed_kv_cache_blocks, gib};
 use crate::model::Mpt;
@@ -28,6 +29,8 @@ pub(crate) struct Ready {
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) model_info: ModelInfo,
     pub(crate) limits: Limits,
+    /// Structured outputs over the model's padded vocabulary.
+    pub(crate) grammars: GrammarCompiler,
 }
 
 /// Everything the engine thread owns, freshly loaded.
@@ -57,6 +60,19 @@ fn resolve_dtype(spec: DTypeSpec, device: &Device) -> DType {
     }
 }
 
+/// The KV cache's element type: `auto` is f16 on the CPU (llama.cpp's default), and on a GPU
+/// the weights' 16-bit dtype (bf16 unless they are f16).
+fn resolve_kv_dtype(spec: KvCacheDtype, device: &Device, weights: DType) -> DType {
+    match spec {
+        KvCacheDtype::Auto if device.is_cpu() => DType::F16,
+        KvCacheDtype::Auto if weights == DType::F16 => DType::F16,
+        KvCacheDtype::Auto => DType::BF16,
+        KvCacheDtype::F32 => DType::F32,
+        KvCacheDtype::F16 => DType::F16,
+        KvCacheDtype::Bf16 => DType::BF16,
+    }
+}
+
 /// `chat_template` from `tokenizer_config.json` (a string, or the entry named `default`).
 fn read_chat_template(dir: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
@@ -68,6 +84,16 @@ fn read_chat_template(dir: &std::path::Path) -> Option<String> {
             .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
             .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
         _ => None,
+    }
+}
+
+/// A dtype as `--kv-cache-dtype` and `--dtype` spell it.
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
     }
 }
 
@@ -264,24 +290,29 @@ pub(crate) fn load(
     if max_model_len == 0 {
         return Err(EngineError::setting("max_model_len", "must be at least 1"));
     }
-    // The CPU cache is f32 host memory whatever the weights are; on a GPU the pools hold the
-    // model's dtype.
-    let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, &device, dtype);
+    if config.attention_kernels == AttentionKernels::Custom && kv_dtype != dtype {
+        return Err(EngineError::setting(
+            "kv_cache_dtype",
+            format!(
+                "--attention-kernels custom reads a KV cache of the weights' dtype ({dtype:?}), \
+                 not {kv_dtype:?}: pass --kv-cache-dtype {}",
+                dtype_name(dtype)
+            ),
+        ));
+    }
     let bytes_per_block = KvCache::bytes_per_block_dtype(&mcfg, config.block_size, kv_dtype);
     let (num_blocks, how) = kv_pool_blocks(config, &model, bytes_per_block, max_model_len)?;
     tracing::info!(
         blocks = num_blocks,
         tokens = num_blocks * config.block_size,
         size = %gib(num_blocks as u64 * bytes_per_block),
-        dtype = ?kv_dtype,
+        dtype = dtype_name(kv_dtype),
+        bytes_per_token = bytes_per_block / config.block_size as u64,
         sized_by = %how,
         "KV cache pool"
     );
-    let cache = if device.is_cpu() {
-        KvCache::new(&mcfg, num_blocks, config.block_size, &device)?
-    } else {
-        KvCache::new_tensors(&mcfg, num_blocks, config.block_size, &device, dtype)?
-    };
+    let cache = KvCache::with_dtype(&mcfg, num_blocks, config.block_size, &device, kv_dtype)?;
     let sched = Scheduler::new(SchedulerConfig {
         num_blocks,
         block_size: config.block_size,
@@ -296,6 +327,8 @@ pub(crate) fn load(
         eos_token_id: eos,
         chat_template,
         model_dir,
+        kv_cache_dtype: dtype_name(kv_dtype),
+        kv_cache_bytes: num_blocks as u64 * bytes_per_block,
     };
     let limits = Limits {
         max_model_len,
@@ -303,6 +336,7 @@ pub(crate) fn load(
         max_num_seqs: config.max_num_seqs,
         max_queue_size: config.max_queue_size,
     };
+    let grammars = GrammarCompiler::new(tokenizer.clone(), mcfg.vocab_size, eos);
     let tokenizer = Arc::new(tokenizer);
     let loaded = Loaded {
         model,
@@ -318,6 +352,7 @@ pub(crate) fn load(
             tokenizer,
             model_info,
             limits,
+            grammars,
         },
     ))
 }

@@ -1,13 +1,17 @@
 //! Engine-side state of one request and its choices (one sequence each).
 //!
 //! Invariants: `choices[i]` is choice `i`'s sequence (index 0 is the prompt's own sequence, the
-//! others are forked from it once the prompt is computed); a choice's `finish` is set once.
+//! others are forked from it once the prompt is computed); a choice's `finish` is set once; with
+//! a constraint every choice has its own grammar state, forked from choice 0's.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::types::{Delta, Event, FinishReason, GenerateRequest, TokenLogprob};
+use crate::decode::constraint::SeqConstraint;
+use crate::decode::grammar::Grammar;
 use crate::decode::sampler::Sampler;
 use crate::decode::stop::OutputText;
 use crate::sched::sequence::SeqId;
@@ -17,6 +21,8 @@ pub(super) struct Choice {
     pub(super) seq: SeqId,
     pub(super) sampler: Sampler,
     pub(super) text: OutputText,
+    /// Its grammar state, when the request has a constraint (dropped with the choice).
+    pub(super) constraint: Option<SeqConstraint>,
     pub(super) finish: Option<FinishReason>,
     pub(super) cum_logprob: f64,
     pub(super) num_tokens: usize,
@@ -27,6 +33,8 @@ pub(super) struct Choice {
 /// Engine-side state of one request.
 pub(super) struct Request {
     pub(super) req: GenerateRequest,
+    /// The compiled constraint every choice starts from.
+    pub(super) grammar: Option<Arc<Grammar>>,
     pub(super) events: UnboundedSender<Event>,
     pub(super) submitted: Instant,
     pub(super) scheduled_at: Option<Instant>,

@@ -1,17 +1,21 @@
-//! Token sampling for one sequence: penalties, logit bias, temperature, top-k, top-p, min-p and
-//! a per-sequence seeded RNG; plus logprobs from the model's raw distribution.
+//! Token sampling for one sequence: penalties, logit bias, a grammar's token mask, temperature,
+//! top-k, top-p, min-p and a per-sequence seeded RNG; plus logprobs from the model's raw
+//! distribution.
 //!
 //! Invariants: a [`Sampler`] consumes its RNG only when it samples with temperature > 0, one
 //! draw per token, and it sees only its own sequence's logits and tokens; so a seeded sequence
 //! produces the same tokens whatever else is in the batch, in whatever order requests arrive,
 //! and after a preemption (the sampler survives it). Greedy decoding breaks ties by lowest id.
-//! Reported logprobs are the unprocessed `log_softmax` of the logits, as OpenAI and vLLM do.
+//! Reported logprobs are the unprocessed `log_softmax` of the logits, as OpenAI and vLLM do
+//! (before penalties, bias and mask). A mask applies after penalties and logit bias and before
+//! temperature and the top-k/top-p/min-p filters, so those act on the allowed tokens only.
 
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::constraint::TokenMask;
 use crate::api::types::{SamplingParams, TokenLogprob};
 
 /// Most alternatives the engine reports per position.
@@ -69,8 +73,17 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_masked(logits, None)
+    }
+
+    /// Picks the next token among those `mask` allows (all when `None`); the mask must allow
+    /// at least one token.
+    pub fn sample_masked(&mut self, logits: &[f32], mask: Option<&TokenMask>) -> u32 {
         let mut x = logits.to_vec();
         self.apply_penalties(&mut x);
+        if let Some(mask) = mask {
+            mask.apply(&mut x);
+        }
         if self.is_greedy() {
             return argmax(&x);
         }
@@ -320,6 +333,35 @@ mod tests {
             2,
             "bias applies; out-of-range ids are ignored"
         );
+    }
+
+    #[test]
+    fn mask_applies_after_bias_and_before_top_k() {
+        let logits = [2.0, 1.9, 0.5, 0.4];
+        let mask = TokenMask::from_ids(4, &[1, 2]);
+        let mut s = Sampler::new(&params(|p| p.logit_bias = vec![(2, 5.0)]), 0, &[]);
+        assert_eq!(s.sample_masked(&logits, Some(&mask)), 2, "bias then mask");
+        let mut s = Sampler::new(&params(|p| p.logit_bias = vec![(3, 5.0)]), 0, &[]);
+        assert_eq!(
+            s.sample_masked(&logits, Some(&mask)),
+            1,
+            "a biased token the grammar refuses is never sampled"
+        );
+        // top_k 1 picks among the allowed tokens, never the masked-out favourite 0.
+        let p = params(|p| {
+            p.temperature = 1.0;
+            p.top_k = 1;
+        });
+        let mut s = Sampler::new(&p, 7, &[]);
+        assert!((0..200).all(|_| s.sample_masked(&logits, Some(&mask)) == 1));
+        let p = params(|p| p.temperature = 1.0);
+        let mut s = Sampler::new(&p, 7, &[]);
+        let mut seen = [0usize; 4];
+        for _ in 0..400 {
+            seen[s.sample_masked(&logits, Some(&mask)) as usize] += 1;
+        }
+        assert_eq!((seen[0], seen[3]), (0, 0), "{seen:?}");
+        assert!(seen[1] > 0 && seen[2] > 0, "{seen:?}");
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! nothing about which sequence owns which block (that is the block allocator's job); it only
 //! reads and writes slots named by block tables.
 //!
-//! CPU layout per layer: `[num_blocks][n_heads][block_size][head_dim]` in f32, so one head's keys in
-//! a block are contiguous for the attention kernel. The cache is f32 on CPU whatever the weights'
-//! dtype: attention accumulates in f32 anyway and CPU memory is plentiful.
+//! CPU layout per layer, in the cache's element type (f32, f16 or bf16, `--kv-cache-dtype`;
+//! the kernels widen 16-bit elements in registers): per block and head, one contiguous
+//! `block_size · head_dim` span; keys stored transposed in it (`[head_dim][block_size]`: a
+//! channel's keys are contiguous, one vector load scores `WIDTH` keys), values as rows
+//! (`[block_size][head_dim]`). Blocks are `[n_heads]` such spans, so a block holds all heads'
+//! keys (then values) contiguously.
 //!
 //! Tensor layout (any device, the GPU's): per layer a K and a V candle tensor of shape
 //! `[num_blocks, block_size, n_heads, head_dim]` in the model's dtype (token-major, as vLLM's
@@ -12,15 +15,114 @@
 //! head_dim` in the `[num_blocks · block_size, n_heads · head_dim]` view that writes scatter into.
 
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 
 use crate::api::error::{EngineError, Result};
+use crate::kernels::cpu::kv_elem::KvElem;
 use crate::model::config::MptConfig;
 
-/// K and V pools of one layer.
+/// K and V pools of one layer in one element type (layout in the module docs).
 #[derive(Debug, Clone)]
-pub(crate) struct LayerKv {
-    pub(crate) k: Vec<f32>,
-    pub(crate) v: Vec<f32>,
+pub(crate) struct Pools<T> {
+    pub(crate) k: Vec<T>,
+    pub(crate) v: Vec<T>,
+}
+
+impl<T: KvElem> Pools<T> {
+    /// Zeroed pools, resident from the start: a fresh allocation's pages are only mapped when
+    /// first touched, so without the writes the pool would become resident a block at a time
+    /// as the prefix cache fills it, and the process's memory would creep up for hours.
+    /// Written now, the memory the server needs is taken (and visible) at startup.
+    fn zeros(len: usize) -> Self {
+        let resident = |mut pool: Vec<T>| {
+            // Hides that the allocator zeroed the pages, so the writes are not optimised away.
+            std::hint::black_box(pool.as_mut_slice()).fill(T::from_f32(0.0));
+            pool
+        };
+        Self {
+            k: resident(T::zeros(len)),
+            v: resident(T::zeros(len)),
+        }
+    }
+
+    fn write(&mut self, geom: &KvGeometry, at: (usize, usize, usize), k: &[f32], v: &[f32]) {
+        let (block, head, slot) = at;
+        let (bs, hd) = (geom.block_size, geom.head_dim);
+        let base = geom.head_base(block, head);
+        for (d, &x) in k[..hd].iter().enumerate() {
+            self.k[base + d * bs + slot] = T::from_f32(x);
+        }
+        let row = &mut self.v[base + slot * hd..base + (slot + 1) * hd];
+        for (dst, &x) in row.iter_mut().zip(v) {
+            *dst = T::from_f32(x);
+        }
+    }
+}
+
+/// K and V pools of one layer on the host, in the cache's element type.
+#[derive(Debug, Clone)]
+pub(crate) enum LayerKv {
+    /// 32-bit floats (the golden tests' exact cache).
+    F32(Pools<f32>),
+    /// IEEE half precision.
+    F16(Pools<f16>),
+    /// bfloat16.
+    Bf16(Pools<bf16>),
+}
+
+impl LayerKv {
+    /// Zeroed pools of `len` elements each, of `dtype` (f32, f16 or bf16).
+    pub(crate) fn zeros(dtype: DType, len: usize) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => Self::F32(Pools::zeros(len)),
+            DType::F16 => Self::F16(Pools::zeros(len)),
+            DType::BF16 => Self::Bf16(Pools::zeros(len)),
+            other => {
+                return Err(EngineError::setting(
+                    "kv_cache_dtype",
+                    format!("a CPU KV cache holds f32, f16 or bf16, not {other:?}"),
+                ));
+            }
+        })
+    }
+
+    /// The element type.
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::F16(_) => DType::F16,
+            Self::Bf16(_) => DType::BF16,
+        }
+    }
+
+    /// Writes one token's key and value rows of one head (`head_dim` floats each, rounded to
+    /// the element type) at `(block, head, slot in block)`.
+    pub(crate) fn write(
+        &mut self,
+        geom: &KvGeometry,
+        at: (usize, usize, usize),
+        k: &[f32],
+        v: &[f32],
+    ) {
+        match self {
+            Self::F32(p) => p.write(geom, at, k, v),
+            Self::F16(p) => p.write(geom, at, k, v),
+            Self::Bf16(p) => p.write(geom, at, k, v),
+        }
+    }
+
+    /// Copies block `src` over block `dst` (`len` elements per block) in both pools.
+    fn copy_block(&mut self, src: usize, dst: usize, len: usize) {
+        fn copy<T: Copy>(p: &mut Pools<T>, src: usize, dst: usize, len: usize) {
+            p.k.copy_within(src * len..(src + 1) * len, dst * len);
+            p.v.copy_within(src * len..(src + 1) * len, dst * len);
+        }
+        match self {
+            Self::F32(p) => copy(p, src, dst, len),
+            Self::F16(p) => copy(p, src, dst, len),
+            Self::Bf16(p) => copy(p, src, dst, len),
+        }
+    }
 }
 
 /// Where the pools live.
@@ -47,14 +149,19 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// Floats in one block of one layer's K (or V) pool.
+    /// Elements in one block of one layer's K (or V) pool.
     pub fn block_len(&self) -> usize {
         self.n_heads * self.block_size * self.head_dim
     }
 
-    /// Offset of (block, head, slot-in-block) in a layer pool.
+    /// Offset of one head's span (`block_size · head_dim` elements) of a block in a CPU pool.
+    pub fn head_base(&self, block: usize, head: usize) -> usize {
+        (block * self.n_heads + head) * self.block_size * self.head_dim
+    }
+
+    /// Offset of the value row of (block, head, slot-in-block) in a CPU pool.
     pub fn offset(&self, block: usize, head: usize, in_block: usize) -> usize {
-        ((block * self.n_heads + head) * self.block_size + in_block) * self.head_dim
+        self.head_base(block, head) + in_block * self.head_dim
     }
 }
 
@@ -67,7 +174,7 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates `num_blocks` blocks of `block_size` tokens for every layer of `config`: host
-    /// f32 pools on the CPU, bf16 tensor pools on any other device (use [`KvCache::new_tensors`]
+    /// f32 pools on the CPU, bf16 tensor pools on any other device (use [`KvCache::with_dtype`]
     /// to choose the dtype).
     pub fn new(
         config: &MptConfig,
@@ -75,9 +182,34 @@ impl KvCache {
         block_size: usize,
         device: &Device,
     ) -> Result<Self> {
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        Self::with_dtype(config, num_blocks, block_size, device, dtype)
+    }
+
+    /// Allocates the pools with elements of `dtype`: host pools (f32, f16 or bf16) read by our
+    /// kernels on the CPU, tensor pools on any other device.
+    pub fn with_dtype(
+        config: &MptConfig,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         match device {
-            Device::Cpu => Self::new_cpu(config, num_blocks, block_size),
-            other => Self::new_tensors(config, num_blocks, block_size, other, DType::BF16),
+            Device::Cpu => Self::new_cpu(config, num_blocks, block_size, dtype),
+            other => Self::new_tensors(config, num_blocks, block_size, other, dtype),
+        }
+    }
+
+    /// The pools' element type.
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            KvStorage::Cpu(layers) => layers.first().map_or(DType::F32, LayerKv::dtype),
+            KvStorage::Tensors(layers) => layers.first().map_or(DType::F32, |(k, _)| k.dtype()),
         }
     }
 
@@ -106,16 +238,18 @@ impl KvCache {
         })
     }
 
-    fn new_cpu(config: &MptConfig, num_blocks: usize, block_size: usize) -> Result<Self> {
+    fn new_cpu(
+        config: &MptConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let geometry = Self::geometry_for(config, num_blocks, block_size)?;
         let len = num_blocks * geometry.block_len();
         let storage = KvStorage::Cpu(
             (0..config.n_layers)
-                .map(|_| LayerKv {
-                    k: resident_zeros(len),
-                    v: resident_zeros(len),
-                })
-                .collect(),
+                .map(|_| LayerKv::zeros(dtype, len))
+                .collect::<Result<_>>()?,
         );
         Ok(Self { geometry, storage })
     }
@@ -147,13 +281,13 @@ impl KvCache {
         Self::bytes_per_block_dtype(config, block_size, DType::F32)
     }
 
-    /// Bytes one block takes over all layers (K and V) with elements of `dtype` (tensor pools).
+    /// Bytes one block takes over all layers (K and V) with elements of `dtype`.
     pub fn bytes_per_block_dtype(config: &MptConfig, block_size: usize, dtype: DType) -> u64 {
         let elements = 2 * config.n_layers * block_size * config.d_model;
         (elements * dtype.size_in_bytes()) as u64
     }
 
-    /// How many blocks of `dtype` elements fit in `bytes` (tensor pools).
+    /// How many blocks of `dtype` elements fit in `bytes`.
     pub fn blocks_for_bytes_dtype(
         config: &MptConfig,
         block_size: usize,
@@ -197,8 +331,7 @@ impl KvCache {
         match &mut self.storage {
             KvStorage::Cpu(layers) => {
                 for layer in layers {
-                    layer.k.copy_within(src * len..(src + 1) * len, dst * len);
-                    layer.v.copy_within(src * len..(src + 1) * len, dst * len);
+                    layer.copy_block(src, dst, len);
                 }
             }
             KvStorage::Tensors(layers) => {
@@ -218,13 +351,62 @@ impl KvCache {
     }
 }
 
-/// `len` zeros, written once: a fresh allocation's pages are only mapped when first touched, so
-/// without this the pool would become resident a block at a time as the prefix cache fills it,
-/// and the process's memory would creep up for hours. Written now, the memory the server needs
-/// is taken (and visible) at startup.
-fn resident_zeros(len: usize) -> Vec<f32> {
-    let mut zeros = vec![0.0f32; len];
-    // Hides that the allocator zeroed the pages, so the writes below are not optimised away.
-    std::hint::black_box(zeros.as_mut_slice()).fill(0.0);
-    zeros
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MptConfig {
+        MptConfig::from_json(crate::model::demo::CONFIG_JSON).expect("demo config")
+    }
+
+    #[test]
+    fn sixteen_bit_pools_take_half_the_bytes_and_hold_twice_the_blocks() {
+        let cfg = config();
+        let f32_block = KvCache::bytes_per_block_dtype(&cfg, 16, DType::F32);
+        assert_eq!(f32_block, (2 * cfg.n_layers * 16 * cfg.d_model * 4) as u64);
+        for dtype in [DType::F16, DType::BF16] {
+            assert_eq!(
+                KvCache::bytes_per_block_dtype(&cfg, 16, dtype) * 2,
+                f32_block
+            );
+            let blocks = KvCache::blocks_for_bytes_dtype(&cfg, 16, dtype, 100 * f32_block);
+            assert_eq!(blocks, 200);
+            let cache = KvCache::with_dtype(&cfg, 3, 16, &Device::Cpu, dtype).expect("allocates");
+            assert_eq!(cache.dtype(), dtype);
+        }
+        let err = KvCache::with_dtype(&cfg, 3, 16, &Device::Cpu, DType::U8).expect_err("u8");
+        assert!(err.to_string().contains("kv_cache_dtype"), "{err}");
+    }
+
+    #[test]
+    fn writes_round_to_the_element_type_and_copies_move_whole_blocks() {
+        let cfg = config();
+        let mut cache = KvCache::with_dtype(&cfg, 4, 4, &Device::Cpu, DType::F16).expect("cache");
+        let geom = cache.geometry();
+        let hd = geom.head_dim;
+        let k: Vec<f32> = (0..hd).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let v: Vec<f32> = (0..hd).map(|i| -(i as f32) * 1e5).collect();
+        let KvStorage::Cpu(layers) = &mut cache.storage else {
+            panic!("host pools on the CPU")
+        };
+        layers[0].write(&geom, (1, 0, 2), &k, &v);
+        cache.copy_block(1, 3).expect("in range");
+        let KvStorage::Cpu(layers) = &cache.storage else {
+            panic!("host pools on the CPU")
+        };
+        let LayerKv::F16(p) = &layers[0] else {
+            panic!("an f16 pool")
+        };
+        for block in [1, 3] {
+            let base = geom.head_base(block, 0);
+            for d in 0..hd {
+                // Keys are stored transposed: channel d of slot 2 at d · block_size + 2.
+                assert_eq!(p.k[base + d * 4 + 2].to_f32(), f16::from_f32(k[d]).to_f32());
+                // Values beyond f16's range saturate instead of becoming infinite.
+                let want = f16::from_f32(v[d].max(-65504.0)).to_f32();
+                assert_eq!(p.v[geom.offset(block, 0, 2) + d].to_f32(), want);
+            }
+        }
+        assert!(cache.copy_block(0, 4).is_err());
+    }
 }

@@ -7,7 +7,9 @@
 //! when blocks run out the newest running sequence not yet scheduled in this step is preempted
 //! (its blocks freed, its tokens recomputed later). Then waiting sequences are admitted strictly FCFS while `max_num_seqs`,
 //! the token budget and free blocks allow; a prompt larger than the budget is prefilled in
-//! chunks over several steps. Nothing is admitted in a step that preempted.
+//! chunks over several steps, and its chunks leave room for the next waiting prompt when that
+//! one is short (at most half the budget), so a short request gets its first token within
+//! about one step of a long prefill. Nothing is admitted in a step that preempted.
 //!
 //! Invariants (see [`Scheduler::check_invariants`]): every block's refcount equals the number
 //! of live block tables that contain it; finished or cancelled sequences hold nothing; with no
@@ -376,6 +378,24 @@ impl Scheduler {
         (blocks, hashes)
     }
 
+    /// Tokens a running prompt chunk leaves in the step for the oldest waiting prompt: all of
+    /// it when it fits in half the budget (and a sequence slot is free), else none. So a short
+    /// request that arrives during a long prefill starts in the next step instead of after the
+    /// whole prompt, and the long one loses at most half a step.
+    fn room_for_next_waiting(&self) -> usize {
+        let Some(id) = self.waiting.first() else {
+            return 0;
+        };
+        let seq = &self.seqs[id];
+        let len = seq.tokens.len();
+        let fits = len <= self.cfg.max_num_batched_tokens / 2;
+        if fits && self.slots_taken() + 1 + seq.reserved_forks <= self.cfg.max_num_seqs {
+            len
+        } else {
+            0
+        }
+    }
+
     /// Decides the next step. The step loop runs it, then calls [`Self::commit`].
     pub fn schedule(&mut self) -> ScheduledStep {
         let mut step = ScheduledStep::default();
@@ -388,6 +408,7 @@ impl Scheduler {
             (seq.num_uncomputed() > 1, seq.order_key())
         });
         pending.reverse(); // pop() yields the next one to schedule
+        let reserve = self.room_for_next_waiting();
 
         // 1. Running sequences; when blocks run out, preempt the newest one not yet scheduled.
         while let Some(id) = pending.pop() {
@@ -395,7 +416,10 @@ impl Scheduler {
                 break;
             }
             let seq = &self.seqs[&id];
-            let n = seq.num_uncomputed().min(budget).min(chunk_cap(seq));
+            let mut n = seq.num_uncomputed().min(budget).min(chunk_cap(seq));
+            if n > 1 {
+                n = n.min(budget.saturating_sub(reserve));
+            }
             if n == 0 {
                 continue;
             }

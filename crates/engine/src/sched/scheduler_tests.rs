@@ -104,6 +104,34 @@ fn token_budget_chunks_long_prompts_and_decodes_keep_flowing() {
 }
 
 #[test]
+fn a_short_request_arriving_during_a_long_prefill_starts_in_the_next_step() {
+    // An 8k-token prompt in chunks of 512; a 20-token request arrives after its first chunk.
+    let mut s = sched(1000, 16, 8, 512, false);
+    let long = s.add(vec![2; 8000], false);
+    assert_eq!(lens(&step(&mut s)), vec![(long, 512)]);
+    let short = s.add(vec![1; 20], false);
+    let st = step(&mut s);
+    assert_eq!(
+        lens(&st),
+        vec![(long, 492), (short, 20)],
+        "the long chunk leaves room for the short prompt"
+    );
+    assert_eq!(
+        st.batch.seqs[1].logits,
+        LogitsWanted::Last,
+        "its first token now"
+    );
+    // Then the short one decodes beside the long prefill, which gets the rest of the budget.
+    assert_eq!(lens(&step(&mut s)), vec![(short, 1), (long, 511)]);
+    // A waiting prompt longer than half the budget reserves nothing: it is admitted with
+    // whatever the running chunks leave, as before.
+    let big = s.add(vec![3; 300], false);
+    let st = step(&mut s);
+    assert_eq!(lens(&st), vec![(short, 1), (long, 511)]);
+    assert!(s.get(big).is_some_and(|q| q.status == SeqStatus::Waiting));
+}
+
+#[test]
 fn admission_waits_for_blocks_and_is_strictly_fcfs() {
     let mut s = sched(4, 4, 8, 100, false);
     let a = s.add(vec![1; 12], false); // 3 blocks
@@ -253,10 +281,11 @@ fn decodes_go_before_an_older_sequence_recomputing_its_prompt() {
     let mut s = sched(64, 4, 8, 12, false);
     let old = s.add(vec![1; 30], false);
     let young = s.add(vec![2; 2], false);
-    // old prefills in chunks of the whole budget; young waits (strict FCFS admission).
+    // old is admitted first (strict FCFS) with the whole budget; its next chunk leaves room
+    // for young's short prompt; then young's decode goes before old's last chunk.
     assert_eq!(lens(&step(&mut s)), vec![(old, 12)]);
-    assert_eq!(lens(&step(&mut s)), vec![(old, 12)]);
-    assert_eq!(lens(&step(&mut s)), vec![(old, 6), (young, 2)]);
+    assert_eq!(lens(&step(&mut s)), vec![(old, 10), (young, 2)]);
+    assert_eq!(lens(&step(&mut s)), vec![(young, 1), (old, 8)]);
     // Both decode; then a 30-token prefill of a newcomer is chunked behind the decodes.
     let third = s.add(vec![3; 30], false);
     let st = step(&mut s);

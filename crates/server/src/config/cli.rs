@@ -88,6 +88,14 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub kv_cache_memory: Option<String>,
+    /// KV cache element type: auto (f16 on the CPU, as llama.cpp; on a GPU bf16, or f16 for f16 weights), f32, f16 or bf16 [default: auto].
+    #[arg(
+        long,
+        env = "MPT_SERVER_KV_CACHE_DTYPE",
+        value_name = "DTYPE",
+        hide_env_values = true
+    )]
+    pub kv_cache_dtype: Option<String>,
     /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
     #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
     pub dtype: Option<String>,
@@ -175,6 +183,14 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub cors_allow_origin: Vec<String>,
+    /// Log and ignore request fields the API does not know, instead of answering 400 "Unrecognized request argument supplied" (for clients that send harmless extras); also on when the environment variable or the TOML key is true.
+    #[arg(
+        long,
+        env = "MPT_SERVER_ALLOW_UNKNOWN_FIELDS",
+        action = clap::ArgAction::SetTrue,
+        hide_env_values = true
+    )]
+    pub allow_unknown_fields: bool,
     /// Log format: text or json [default: text].
     #[arg(long, env = "MPT_SERVER_LOG_FORMAT", hide_env_values = true)]
     pub log_format: Option<String>,

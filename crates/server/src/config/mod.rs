@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use mpt_engine::{
-    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheSize, LoadFormat,
-    ModelSource, Quantization,
+    AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
+    LoadFormat, ModelSource, Quantization,
 };
 use serde::Deserialize;
 
@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub num_kv_blocks: Option<usize>,
     /// See `--kv-cache-memory` (a string such as "2GiB", or a number of bytes).
     pub kv_cache_memory: Option<SizeValue>,
+    /// See `--kv-cache-dtype`.
+    pub kv_cache_dtype: Option<String>,
     /// See `--dtype`.
     pub dtype: Option<String>,
     /// See `--quantization`.
@@ -106,6 +108,8 @@ pub struct FileConfig {
     pub cors_allow_origin: Option<Vec<String>>,
     /// See `--log-format`.
     pub log_format: Option<String>,
+    /// See `--allow-unknown-fields`.
+    pub allow_unknown_fields: Option<bool>,
 }
 
 /// A size in the TOML file: a string with a unit or a plain number of bytes.
@@ -148,6 +152,8 @@ pub struct ServerConfig {
     pub block_size: usize,
     /// KV cache size.
     pub kv_cache: KvCacheSize,
+    /// KV cache element type.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Dtype.
     pub dtype: DTypeSpec,
     /// In-situ weight quantization.
@@ -174,6 +180,8 @@ pub struct ServerConfig {
     pub cors_allow_origin: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Log and ignore unknown request fields instead of refusing them.
+    pub allow_unknown_fields: bool,
     /// Connection and stream timings (no flags: defaults suit serving; embedders and tests set
     /// them).
     pub timeouts: Timeouts,
@@ -216,6 +224,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_num_batched_tokens", &self.max_num_batched_tokens)
             .field("block_size", &self.block_size)
             .field("kv_cache", &self.kv_cache)
+            .field("kv_cache_dtype", &self.kv_cache_dtype)
             .field("dtype", &self.dtype)
             .field("quantization", &self.quantization)
             .field("tokenizer", &self.tokenizer)
@@ -231,6 +240,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("log_format", &self.log_format)
             .field("timeouts", &self.timeouts)
             .field("faults", &self.faults)
+            .field("allow_unknown_fields", &self.allow_unknown_fields)
             .finish()
     }
 }
@@ -308,6 +318,15 @@ fn parse_dtype(text: &str) -> Result<DTypeSpec, String> {
 fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn parse_kv_cache_dtype(text: &str) -> Result<KvCacheDtype, String> {
+    KvCacheDtype::parse(&text.to_ascii_lowercase()).ok_or_else(|| {
+        format!(
+            "unknown KV cache dtype {text:?} (expected one of: {})",
+            KvCacheDtype::NAMES.join(", ")
+        )
+    })
 }
 
 fn parse_device(text: &str) -> Result<DeviceSpec, String> {
@@ -435,6 +454,10 @@ impl ServerConfig {
             None => None,
         };
         let tokenizer = cli.tokenizer.or(file.tokenizer);
+        let kv_cache_dtype = match cli.kv_cache_dtype.or(file.kv_cache_dtype) {
+            Some(t) => parse_kv_cache_dtype(&t).map_err(invalid("--kv-cache-dtype"))?,
+            None => defaults.kv_cache_dtype,
+        };
         let device = match cli.device.or(file.device) {
             Some(t) => parse_device(&t).map_err(invalid("--device"))?,
             None => DeviceSpec::Cpu,
@@ -503,6 +526,7 @@ impl ServerConfig {
                     .unwrap_or(defaults.block_size),
             )?,
             kv_cache,
+            kv_cache_dtype,
             dtype,
             quantization,
             tokenizer,
@@ -523,6 +547,9 @@ impl ServerConfig {
             log_format,
             timeouts: Timeouts::default(),
             faults: FaultPlan::default(),
+            // A bare flag can only turn it on: on when any layer says true.
+            allow_unknown_fields: cli.allow_unknown_fields
+                || file.allow_unknown_fields.unwrap_or(false),
         })
     }
 
@@ -541,6 +568,7 @@ impl ServerConfig {
             max_model_len: self.max_model_len,
             block_size: self.block_size,
             kv_cache: self.kv_cache,
+            kv_cache_dtype: self.kv_cache_dtype,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_queue_size: self.max_queue_size,

@@ -165,6 +165,24 @@ fn quantization_parses_and_an_unknown_name_lists_the_valid_ones() {
 }
 
 #[test]
+fn allow_unknown_fields_from_the_flag_or_the_file() {
+    assert!(!ServerConfig::default().allow_unknown_fields);
+    let cli = Cli::try_parse_from(["x", "--allow-unknown-fields"]).expect("bare flag");
+    assert!(
+        ServerConfig::resolve(cli, FileConfig::default())
+            .expect("valid")
+            .allow_unknown_fields
+    );
+    let file = parse_file("allow_unknown_fields = true\n").expect("valid");
+    assert!(Cli::try_parse_from(["x", "--allow-unknown-fields", "false"]).is_err());
+    assert!(
+        ServerConfig::resolve(Cli::default(), file)
+            .expect("valid")
+            .allow_unknown_fields
+    );
+}
+
+#[test]
 fn a_gguf_file_is_served_by_its_stem_with_an_optional_tokenizer() {
     let cli = Cli::try_parse_from([
         "x",
@@ -182,4 +200,24 @@ fn a_gguf_file_is_served_by_its_stem_with_an_optional_tokenizer() {
         ModelSource::Gguf(PathBuf::from("/models/mpt-7b.Q8_0.gguf"))
     );
     assert_eq!(e.tokenizer, Some(PathBuf::from("/models/tok.json")));
+}
+
+#[test]
+fn kv_cache_dtype_comes_from_flag_env_name_or_file_and_bad_names_list_the_valid_ones() {
+    let c = ServerConfig::default();
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Auto);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "BF16"]).expect("parses");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.engine_config().kv_cache_dtype, KvCacheDtype::Bf16);
+    let file = parse_file("kv_cache_dtype = \"f32\"\n").expect("valid");
+    let c = ServerConfig::resolve(Cli::default(), file).expect("valid");
+    assert_eq!(c.kv_cache_dtype, KvCacheDtype::F32);
+    let cli = Cli::try_parse_from(["x", "--kv-cache-dtype", "fp8"]).expect("parses");
+    let err = ServerConfig::resolve(cli, FileConfig::default()).expect_err("unknown");
+    let text = err.to_string();
+    assert!(
+        text.contains("--kv-cache-dtype") && text.contains("\"fp8\""),
+        "{text}"
+    );
+    assert!(text.contains("auto, f32, f16, bf16"), "{text}");
 }

@@ -1,9 +1,10 @@
 //! OpenAI wire types (requests and responses) for completions, chat, models and vLLM's
 //! tokenize/detokenize. Pure data: no validation here (that is `validation.rs`).
 //!
-//! Invariants: request fields whose JSON type varies (`prompt`, `stop`, message `content`) are
-//! kept as `serde_json::Value` so validation can name the field in a precise error; unknown
-//! request fields are ignored, as OpenAI does.
+//! Invariants: request fields whose JSON type varies (`prompt`, `stop`, message `content`,
+//! `response_format`, `tools`, ...) are kept as `serde_json::Value` so validation can name the
+//! field in a precise error; fields not declared here are refused or accepted by
+//! [`super::fields`] before these types are built.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +70,33 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     /// Minimum generated tokens before stopping (vLLM extension).
     pub min_tokens: Option<i64>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
+    pub structured_outputs: Option<Value>,
+}
+
+/// One tool call of an assistant message in the conversation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MessageToolCall {
+    /// `call_...`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `function`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// The call.
+    pub function: MessageFunctionCall,
+}
+
+/// The function of a [`MessageToolCall`].
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MessageFunctionCall {
+    /// Function name.
+    pub name: String,
+    /// Its arguments as a JSON string (as OpenAI sends them back).
+    #[serde(default)]
+    pub arguments: Value,
 }
 
 /// One chat message.
@@ -82,6 +110,12 @@ pub struct ChatMessage {
     /// Optional speaker name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Assistant messages: the tools it called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<MessageToolCall>>,
+    /// Tool messages: the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions` body.
@@ -131,6 +165,16 @@ pub struct ChatCompletionRequest {
     pub ignore_eos: Option<bool>,
     /// Minimum generated tokens.
     pub min_tokens: Option<i64>,
+    /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar": ...}`.
+    pub structured_outputs: Option<Value>,
+    /// `[{"type": "function", "function": {...}}]`.
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<Value>,
+    /// Allow more than one call per answer (default true).
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// OpenAI's `finish_reason` for an engine finish reason (also the `finished_reason` label of
@@ -256,15 +300,78 @@ pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
-/// The assistant message of a chat choice (or a stream delta).
+/// A stream delta of a chat choice.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ChatResponseMessage {
-    /// `assistant` (first stream delta and full responses only).
+    /// `assistant` (first stream delta only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     /// Text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// The full assistant message of a chat response.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatFullMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    /// Text; `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    /// The tools called, when any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// One tool call of a response.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCall {
+    /// `call_...`.
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Name and arguments.
+    pub function: FunctionCall,
+}
+
+/// The function of a [`ToolCall`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// Arguments: a JSON object, as a string.
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a stream: the first piece of each call has `id`, `type` and
+/// `function.name`, later ones pieces of `function.arguments`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    /// Which call of the choice (0, 1, ...).
+    pub index: usize,
+    /// `call_...` (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first piece only).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name and/or a piece of the arguments.
+    pub function: FunctionCallDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct FunctionCallDelta {
+    /// Function name (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The next piece of the arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// One chat choice (`message` in responses, `delta` in chunks).
@@ -274,7 +381,7 @@ pub struct ChatChoice {
     pub index: usize,
     /// Full message (responses).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<ChatResponseMessage>,
+    pub message: Option<ChatFullMessage>,
     /// Increment (stream chunks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<ChatResponseMessage>,

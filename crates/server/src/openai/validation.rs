@@ -6,11 +6,13 @@
 //! in-vocabulary ids and `prompt + max_tokens ≤ max_model_len`.
 
 use mpt_engine::Tokenizer;
-use mpt_engine::{GenerateRequest, SamplingParams, StopConditions};
+use mpt_engine::{Constraint, GenerateRequest, SamplingParams, StopConditions};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::openai::types::{ChatCompletionRequest, ChatMessage, CompletionRequest};
+use crate::openai::structured::requested_output;
+use crate::openai::tools::ToolPlan;
+use crate::openai::types::{ChatCompletionRequest, CompletionRequest};
 
 /// Largest `n`/`best_of` accepted.
 pub const MAX_N: usize = 128;
@@ -63,6 +65,8 @@ pub struct ValidatedCompletion {
     pub stream: bool,
     /// Final usage chunk in streams.
     pub include_usage: bool,
+    /// The field the requests' constraint comes from, when they have one.
+    pub constraint_param: Option<&'static str>,
 }
 
 /// A validated chat request.
@@ -78,6 +82,10 @@ pub struct ValidatedChat {
     pub stream: bool,
     /// Final usage chunk in streams.
     pub include_usage: bool,
+    /// The field the request's constraint comes from, when it has one.
+    pub constraint_param: Option<&'static str>,
+    /// Tool calls are parsed out of the answer.
+    pub tools: bool,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
@@ -380,6 +388,11 @@ pub fn validate_completion(
         seed: req.seed,
     };
     let sampling = sampling(&common, ctx.vocab_size)?;
+    let output = requested_output(
+        req.response_format.as_ref(),
+        req.structured_outputs.as_ref(),
+    )?;
+    let constraint = output.as_ref().map(|o| o.spec.to_constraint());
     let stop = StopConditions {
         max_tokens,
         min_tokens,
@@ -413,6 +426,7 @@ pub fn validate_completion(
             best_of,
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
+            constraint: constraint.clone(),
         });
         prompt_texts.push(text);
     }
@@ -424,70 +438,33 @@ pub fn validate_completion(
         logprobs,
         stream,
         include_usage: stream && req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        constraint_param: output.map(|o| o.param),
     })
 }
 
-/// Text of a message's `content`: a string, or the concatenated `text` parts of a list.
-pub fn message_text(message: &ChatMessage, index: usize) -> Result<String, ApiError> {
-    let param = format!("messages[{index}].content");
-    match &message.content {
-        Value::String(s) => Ok(s.clone()),
-        Value::Null => Ok(String::new()),
-        Value::Array(parts) => {
-            let mut out = String::new();
-            for part in parts {
-                match (
-                    part.get("type").and_then(Value::as_str),
-                    part.get("text").and_then(Value::as_str),
-                ) {
-                    (Some("text"), Some(text)) => out.push_str(text),
-                    _ => {
-                        return Err(bad(
-                            &param,
-                            format!(
-                                "{param}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"
-                            ),
-                        ));
-                    }
-                }
-            }
-            Ok(out)
-        }
-        _ => Err(bad(
-            &param,
-            format!("{param} must be a string or a list of text parts"),
-        )),
-    }
-}
-
-/// Checks `messages` (non-empty, known roles, text content).
-pub fn check_messages(messages: Option<&Vec<ChatMessage>>) -> Result<&Vec<ChatMessage>, ApiError> {
-    let messages = messages.ok_or_else(|| bad("messages", "messages is required"))?;
-    if messages.is_empty() {
-        return Err(bad("messages", "messages must not be empty"));
-    }
-    for (i, m) in messages.iter().enumerate() {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "user" | "assistant" | "tool" | "developer"
-        ) {
-            return Err(bad(
-                &format!("messages[{i}].role"),
-                format!("unknown role {:?}", m.role),
-            ));
-        }
-        message_text(m, i)?;
-    }
-    Ok(messages)
-}
-
-/// Validates a chat request whose messages were already rendered to `prompt` by the template.
+/// Validates a chat request whose messages were already rendered to `prompt` by the template
+/// (with `tools` described, when the model may call them).
 pub fn validate_chat(
     req: &ChatCompletionRequest,
     ctx: &ValidationContext<'_>,
     request_id: &str,
     prompt: &str,
+    tools: Option<&ToolPlan>,
 ) -> Result<ValidatedChat, ApiError> {
+    let output = requested_output(
+        req.response_format.as_ref(),
+        req.structured_outputs.as_ref(),
+    )?;
+    let (constraint, constraint_param) = match (tools, output) {
+        (Some(plan), output) => (
+            Some(Constraint::Lark(
+                plan.grammar(output.as_ref().map(|o| &o.spec)),
+            )),
+            Some("tools"),
+        ),
+        (None, Some(o)) => (Some(o.spec.to_constraint()), Some(o.param)),
+        (None, None) => (None, None),
+    };
     let ids = encode(ctx.tokenizer, prompt, "messages")?;
     let room = ctx.max_model_len.saturating_sub(ids.len());
     let (param, value) = match (req.max_completion_tokens, req.max_tokens) {
@@ -545,11 +522,14 @@ pub fn validate_chat(
             best_of: n,
             logprobs,
             prompt_logprobs: None,
+            constraint,
         },
         n,
         logprobs,
         stream,
         include_usage: stream && req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        constraint_param,
+        tools: tools.is_some(),
     })
 }
 

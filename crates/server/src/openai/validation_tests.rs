@@ -127,7 +127,7 @@ fn chat_adds_im_end_stops_and_fills_max_tokens() {
     let req: ChatCompletionRequest =
         serde_json::from_value(json!({"messages": [{"role": "user", "content": "hi"}]}))
             .expect("wire");
-    let v = validate_chat(&req, &ctx(&t), "c", "<|im_start|>user\nhi").expect("valid");
+    let v = validate_chat(&req, &ctx(&t), "c", "<|im_start|>user\nhi", None).expect("valid");
     assert!(
         v.request
             .stop

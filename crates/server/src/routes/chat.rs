@@ -1,8 +1,10 @@
 //! `POST /v1/chat/completions`: messages rendered by the [`crate::chat_template`], then
-//! generated like a completion.
+//! generated like a completion, under the grammar of `response_format`, `structured_outputs`
+//! or `tools` when given; tool calls are parsed out of the answer ([`ChoiceOutput`]).
 //!
 //! Invariants: `<|im_end|>` always stops generation (as a stop string, and as a stop token when
-//! the vocabulary has it); streams open each choice with a `role` delta and end with `[DONE]`.
+//! the vocabulary has it); streams open each choice with a `role` delta and end with `[DONE]`;
+//! a grammar that does not compile is a 400 before anything is generated.
 
 use std::convert::Infallible;
 
@@ -15,12 +17,17 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::generation::{Generation, Item, new_id};
+use crate::openai::messages::check_messages;
+use crate::openai::tool_calls::ChoiceOutput;
+use crate::openai::tools::tool_plan;
 use crate::openai::types::{
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
-    ChatTokenLogprob, ChatTopLogprob, UsageInfo, finish_reason,
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatFullMessage, ChatLogprobs,
+    ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, UsageInfo,
 };
-use crate::openai::validation::{ValidatedChat, check_messages, check_model, validate_chat};
-use crate::routes::{ApiJson, context as validation_context, logged_by_handler};
+use crate::openai::validation::{ValidatedChat, check_model, validate_chat};
+use crate::routes::{
+    ApiJson, compile_constraint, context as validation_context, logged_by_handler,
+};
 use crate::sse;
 use crate::state::{AppState, unix_now};
 
@@ -33,9 +40,28 @@ pub async fn chat_completions(
     let admission = state.admit(1)?;
     check_model(req.model.as_deref(), &state.config().model_name)?;
     let messages = check_messages(req.messages.as_ref())?;
-    let prompt = loaded.chat_template.render(messages, true)?;
+    let tools = tool_plan(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let prompt = loaded
+        .chat_template
+        .render(messages, true, tools.as_ref())?;
     let id = new_id("chatcmpl-");
-    let valid = validate_chat(&req, &validation_context(&state, loaded), &id, &prompt)?;
+    let valid = validate_chat(
+        &req,
+        &validation_context(&state, loaded),
+        &id,
+        &prompt,
+        tools.as_ref(),
+    )?;
+    compile_constraint(
+        loaded,
+        valid.request.constraint.as_ref(),
+        valid.constraint_param,
+    )
+    .await?;
     let generation = Generation::start(
         &state,
         loaded,
@@ -122,14 +148,14 @@ async fn collect(
     mut generation: Generation,
 ) -> Result<axum::Json<ChatCompletionResponse>, ApiError> {
     let n = job.valid.n;
-    let mut texts = vec![String::new(); n];
+    let mut texts = vec![ChoiceOutput::new(job.valid.tools); n];
     let mut logprobs: Vec<Option<ChatLogprobs>> =
         vec![job.valid.logprobs.map(|_| ChatLogprobs::default()); n];
     let mut finish = vec![None; n];
     while let Some(item) = generation.next().await {
         match item {
             Item::Delta { delta, .. } if delta.index < n => {
-                texts[delta.index].push_str(&delta.text);
+                texts[delta.index].push(&delta.text);
                 if let (Some(all), Some(more)) =
                     (logprobs[delta.index].as_mut(), job.logprobs(&delta))
                 {
@@ -150,15 +176,22 @@ async fn collect(
         .zip(logprobs)
         .zip(finish)
         .enumerate()
-        .map(|(index, ((text, logprobs), finish))| ChatChoice {
-            index,
-            message: Some(ChatResponseMessage {
-                role: Some("assistant"),
-                content: Some(text),
-            }),
-            delta: None,
-            logprobs,
-            finish_reason: Some(finish_reason(finish.unwrap_or(FinishReason::Length))),
+        .map(|(index, ((mut output, logprobs), finish))| {
+            output.finish();
+            let tool_calls = output.tool_calls();
+            let content = output.content().to_string();
+            ChatChoice {
+                index,
+                message: Some(ChatFullMessage {
+                    role: "assistant",
+                    // OpenAI's shape: `null` content for an answer that is only tool calls.
+                    content: (tool_calls.is_none() || !content.is_empty()).then_some(content),
+                    tool_calls,
+                }),
+                delta: None,
+                logprobs,
+                finish_reason: Some(output.finish_reason(finish.unwrap_or(FinishReason::Length))),
+            }
         })
         .collect();
     let usage = UsageInfo::new(usage.prompt_tokens, usage.completion_tokens);
@@ -186,14 +219,26 @@ fn chunk_choice(
     index: usize,
     delta: ChatResponseMessage,
     logprobs: Option<ChatLogprobs>,
-    finish: Option<FinishReason>,
+    finish: Option<&'static str>,
 ) -> ChatChoice {
     ChatChoice {
         index,
         message: None,
         delta: Some(delta),
         logprobs,
-        finish_reason: finish.map(finish_reason),
+        finish_reason: finish,
+    }
+}
+
+/// A delta with content and/or tool-call pieces.
+fn delta_message(
+    content: String,
+    tool_calls: Vec<crate::openai::types::ToolCallDelta>,
+) -> ChatResponseMessage {
+    ChatResponseMessage {
+        role: None,
+        content: (!content.is_empty() || tool_calls.is_empty()).then_some(content),
+        tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
     }
 }
 
@@ -204,6 +249,7 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
             let delta = ChatResponseMessage {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                tool_calls: None,
             };
             chunk_choice(i, delta, None, None)
         })
@@ -212,21 +258,34 @@ async fn pump(job: &Job, generation: &mut Generation, tx: &Tx) {
         return;
     }
     let mut aborted = false;
+    let mut outputs = vec![ChoiceOutput::new(job.valid.tools); job.valid.n];
     while let Some(item) = generation.next().await {
         let choice = match item {
             Item::Delta { delta, .. } => {
-                if delta.text.is_empty() && delta.token_ids.is_empty() {
+                let Some(output) = outputs.get_mut(delta.index) else {
+                    continue;
+                };
+                let (content, calls) = output.push(&delta.text);
+                let logprobs = job.logprobs(&delta);
+                // Nothing to show and no tokens (so no logprobs) to carry: no chunk.
+                if content.is_empty() && calls.is_empty() && delta.token_ids.is_empty() {
                     continue;
                 }
-                let logprobs = job.logprobs(&delta);
-                let message = ChatResponseMessage {
-                    role: None,
-                    content: Some(delta.text),
-                };
-                chunk_choice(delta.index, message, logprobs, None)
+                chunk_choice(delta.index, delta_message(content, calls), logprobs, None)
             }
             Item::ChoiceFinished { index, reason, .. } => {
                 aborted |= reason == FinishReason::Abort;
+                let Some(output) = outputs.get_mut(index) else {
+                    continue;
+                };
+                let (content, calls) = output.finish();
+                if !(content.is_empty() && calls.is_empty()) {
+                    let rest = chunk_choice(index, delta_message(content, calls), None, None);
+                    if !send(tx, sse::json(&job.response(OBJECT, vec![rest], None))).await {
+                        return;
+                    }
+                }
+                let reason = output.finish_reason(reason);
                 chunk_choice(index, ChatResponseMessage::default(), None, Some(reason))
             }
             Item::Failed(err) => {

@@ -21,7 +21,7 @@ use crate::openai::types::{
     UsageInfo, finish_reason,
 };
 use crate::openai::validation::{ValidatedCompletion, parse_prompt, validate_completion};
-use crate::routes::{ApiJson, context, logged_by_handler};
+use crate::routes::{ApiJson, compile_constraint, context, logged_by_handler};
 use crate::sse;
 use crate::state::{AppState, unix_now};
 
@@ -161,6 +161,8 @@ pub async fn completions(
     let tokenizer = loaded.engine.tokenizer().clone();
     let ctx = context(&state, loaded);
     let valid = validate_completion(&req, &ctx, &id)?;
+    let constraint = valid.requests.first().and_then(|r| r.constraint.as_ref());
+    compile_constraint(loaded, constraint, valid.constraint_param).await?;
     let prompt_ids: Vec<Vec<u32>> = valid
         .requests
         .iter()

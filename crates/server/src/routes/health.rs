@@ -57,6 +57,7 @@ mod tests {
             max_inflight: 4,
             cors_allow_origin: Vec::new(),
             timeouts: Default::default(),
+            allow_unknown_fields: false,
         })
     }
 

@@ -2,10 +2,12 @@
 //!
 //! Invariants: request bodies are accepted only as `application/json` (else 415), at most
 //! [`MAX_BODY_BYTES`] (else 413), within one body-read deadline (else 408, however the bytes
-//! trickle in), and must be a JSON object (else 400) — rejections always use
-//! our error shape, never axum's plain text; `/v1/*`, `/tokenize` and `/detokenize` require the API
-//! key when one is set, the probes and `/metrics` never do; each request is counted once in the HTTP metric and logged
-//! once (by the generation for completions, by [`track`] otherwise).
+//! trickle in), and must be a JSON object (else 400) — rejections always use our error shape,
+//! never axum's plain text; top-level fields are checked by [`crate::openai::fields`] (unknown
+//! ones refused unless `--allow-unknown-fields`); `/v1/*`, `/tokenize` and `/detokenize` require
+//! the API key when one is set, the probes and `/metrics` never do; each request is counted once
+//! in the HTTP metric and logged once (by the generation for completions, by [`track`]
+//! otherwise).
 
 pub mod chat;
 pub mod completions;
@@ -20,10 +22,10 @@ use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::openai::fields::{WireRequest, check_fields};
 use crate::openai::validation::ValidationContext;
 use crate::state::{AppState, Loaded};
 
@@ -43,7 +45,7 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+impl<T: WireRequest> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
@@ -73,11 +75,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
             })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::MalformedBody(format!("request body is not valid JSON: {e}")))?;
-        if !value.is_object() {
+        let Some(fields) = value.as_object() else {
             return Err(ApiError::MalformedBody(
                 "request body must be a JSON object".into(),
             ));
-        }
+        };
+        check_fields::<T>(fields, state.config().allow_unknown_fields)?;
         serde_path_to_error::deserialize(value)
             .map(ApiJson)
             .map_err(|e| {
@@ -90,6 +93,31 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 }
             })
     }
+}
+
+/// Compiles an output constraint on a blocking thread (bounded by the grammar engine's limits;
+/// the engine caches the result, so `submit` finds it); one that does not compile is a 400
+/// naming the field it came from.
+pub async fn compile_constraint(
+    loaded: &Loaded,
+    constraint: Option<&mpt_engine::Constraint>,
+    param: Option<&'static str>,
+) -> Result<(), ApiError> {
+    let Some(constraint) = constraint.cloned() else {
+        return Ok(());
+    };
+    let engine = loaded.engine.clone();
+    let compiled = tokio::task::spawn_blocking(move || engine.compile_constraint(&constraint))
+        .await
+        .map_err(|e| ApiError::Internal(format!("grammar compilation panicked: {e}")))?;
+    compiled.map_err(|e| {
+        let param = param.unwrap_or("response_format");
+        let reason = match e {
+            mpt_engine::SubmitError::InvalidConstraint(reason) => reason,
+            other => other.to_string(),
+        };
+        ApiError::invalid(param, format!("{param} cannot be enforced: {reason}"))
+    })
 }
 
 /// Validation context for the loaded model.

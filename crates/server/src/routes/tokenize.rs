@@ -8,10 +8,11 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::error::ApiError;
+use crate::openai::messages::check_messages;
 use crate::openai::types::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
 };
-use crate::openai::validation::{check_messages, check_model};
+use crate::openai::validation::check_model;
 use crate::routes::ApiJson;
 use crate::state::AppState;
 
@@ -26,9 +27,11 @@ pub async fn tokenize(
         (Some(prompt), None) => prompt.clone(),
         (None, Some(_)) => {
             let messages = check_messages(req.messages.as_ref())?;
-            loaded
-                .chat_template
-                .render(messages, req.add_generation_prompt.unwrap_or(true))?
+            loaded.chat_template.render(
+                messages,
+                req.add_generation_prompt.unwrap_or(true),
+                None,
+            )?
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(

@@ -372,10 +372,7 @@ mod tests {
         let slopes = [0.5f32, 0.25, 0.125];
         let scale = 0.35f32;
         let w = nh * hd;
-        let mut cpu_pool = LayerKv {
-            k: vec![0.0; nb * geom.block_len()],
-            v: vec![0.0; nb * geom.block_len()],
-        };
+        let mut cpu_pool = LayerKv::zeros(DType::F32, nb * geom.block_len()).unwrap();
         let dev = Device::Cpu;
         let k_pool = Tensor::zeros((nb, bs, nh, hd), DType::F32, &dev).unwrap();
         let v_pool = Tensor::zeros((nb, bs, nh, hd), DType::F32, &dev).unwrap();

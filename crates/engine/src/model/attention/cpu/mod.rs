@@ -1,26 +1,37 @@
-//! Paged attention on the CPU: writes the step's new K/V into their cache slots ([`store_kv`]),
-//! then computes causal ALiBi attention for every new token by reading keys and values through
-//! its sequence's block table ([`paged_attention`]). Nothing is concatenated or copied per
-//! step. Decode tokens and short chunks go to `decode.rs`, prompt chunks to `prefill.rs`; both
-//! normalise scores with `softmax.rs`.
+//! Paged attention on the CPU: writes the step's new K/V into their cache slots ([`store_kv`],
+//! rounding to the cache's element type), then computes causal ALiBi attention for every new
+//! token by reading keys and values through its sequence's block table ([`paged_attention`]).
+//! Nothing is concatenated or copied per step, and no score matrix is built: both paths below run
+//! the flash-style tile kernel of `kernels::cpu::attention_tile` (online softmax over tiles of
+//! keys, bias from positions), which also widens f16/bf16 pools in registers.
 //!
-//! For a query at absolute position `p` the keys are positions `0..=p` of the same sequence (all
-//! already in the cache once this step's tokens are written), and the score of key `j` is
+//! Prompt chunks (runs of at least `MIN_TILED_RUN` consecutive positions of one sequence) go to
+//! `prefill.rs`, parallel over (run, head, query tile); decode tokens and short chunks to
+//! `decode.rs`, parallel over (token, head, key segment) so that one long context keeps every
+//! thread busy (flash-decoding). For a query at absolute position `p` the keys are positions
+//! `0..=p` of the same sequence (all in the cache once this step's tokens are written), scored
 //! `scale · q·k_j + slope_h · (j − p)`.
+//!
+//! Batch invariance: both paths compute, per (query, head), exactly the definition in
+//! `attention_tile`'s docs (fixed segments and tiles at absolute key positions, merged left to
+//! right), so a token's attention output is bitwise the same whether it came in a long chunk, a
+//! short one, a decode step, or next to any other sequences, and whatever the thread count.
 
 mod decode;
 mod prefill;
-mod softmax;
 #[cfg(test)]
 mod tests;
 
 use std::ops::Range;
 
-use crate::kernels::cpu::isa::detect_isa;
+use crate::kernels::cpu::attention_tile::HeadPools;
+use crate::kernels::cpu::isa::{Isa, detect_isa};
+use crate::kernels::cpu::kv_elem::KvElem;
 use crate::kv::KvGeometry;
-use crate::kv::storage::LayerKv;
+use crate::kv::storage::{LayerKv, Pools};
 
-/// Runs shorter than this go through the per-token kernel: gathering would not pay off.
+/// Runs at least this long go through the query-tiled path; shorter ones go token by token
+/// (whose key segments spread over the threads instead).
 const MIN_TILED_RUN: usize = 8;
 
 /// Where one new token sits: its sequence's block table and its absolute position.
@@ -48,18 +59,14 @@ pub(crate) fn store_kv(
         let block = slot.block_table[slot.pos / geom.block_size] as usize;
         let in_block = slot.pos % geom.block_size;
         for h in 0..geom.n_heads {
-            let dst = geom.offset(block, h, in_block);
             let src = t * width + h * hd;
-            layer.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-            layer.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            let at = (block, h, in_block);
+            layer.write(geom, at, &k[src..src + hd], &v[src..src + hd]);
         }
     }
 }
 
-/// Attention output (rows of width `n_heads · head_dim`) for every new token's query. Runs of at
-/// least `MIN_TILED_RUN` consecutive tokens of one sequence (prompt chunks) go through the tiled
-/// kernel of `prefill.rs`; decode tokens and short chunks through `decode.rs`, one (token, group
-/// of heads) at a time.
+/// Attention output (rows of width `n_heads · head_dim`) for every new token's query.
 pub(crate) fn paged_attention(
     geom: &KvGeometry,
     layer: &LayerKv,
@@ -68,22 +75,79 @@ pub(crate) fn paged_attention(
     slopes: &[f32],
     scale: f32,
 ) -> Vec<f32> {
-    let width = geom.n_heads * geom.head_dim;
-    let long_runs: Vec<Range<usize>> = runs(slots)
+    attention_with(detect_isa(), geom, layer, slots, q, slopes, scale)
+}
+
+/// [`paged_attention`] with the instruction set chosen by the caller (tests compare them).
+fn attention_with(
+    isa: Isa,
+    geom: &KvGeometry,
+    layer: &LayerKv,
+    slots: &[TokenSlot<'_>],
+    q: &[f32],
+    slopes: &[f32],
+    scale: f32,
+) -> Vec<f32> {
+    let step = Step {
+        geom,
+        slots,
+        q,
+        slopes,
+        scale,
+    };
+    match layer {
+        LayerKv::F32(pools) => attend(isa, &step, pools),
+        LayerKv::F16(pools) => attend(isa, &step, pools),
+        LayerKv::Bf16(pools) => attend(isa, &step, pools),
+    }
+}
+
+/// One layer's attention inputs for a step.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    geom: &'a KvGeometry,
+    slots: &'a [TokenSlot<'a>],
+    /// Queries, rows of `n_heads · head_dim`, one per slot.
+    q: &'a [f32],
+    slopes: &'a [f32],
+    scale: f32,
+}
+
+impl<'a> Step<'a> {
+    /// Head `head` of `pools` as the tile kernel reads it, for the sequence of slot `t`.
+    fn head<T: KvElem>(&self, pools: &'a Pools<T>, t: usize, head: usize) -> HeadPools<'a, T> {
+        let g = self.geom;
+        HeadPools {
+            k: &pools.k,
+            v: &pools.v,
+            block_table: self.slots[t].block_table,
+            block_size: g.block_size,
+            head_dim: g.head_dim,
+            block_stride: g.block_len(),
+            head_offset: g.head_base(0, head),
+            slope: self.slopes[head],
+        }
+    }
+
+    /// Query of slot `t`, head `head`, multiplied by the softmax scale, into `dst`.
+    fn scaled_query(&self, t: usize, head: usize, dst: &mut [f32]) {
+        let hd = self.geom.head_dim;
+        let row = &self.q[(t * self.geom.n_heads + head) * hd..][..hd];
+        for (d, &x) in dst.iter_mut().zip(row) {
+            *d = x * self.scale;
+        }
+    }
+}
+
+fn attend<T: KvElem>(isa: Isa, step: &Step<'_>, pools: &Pools<T>) -> Vec<f32> {
+    let width = step.geom.n_heads * step.geom.head_dim;
+    let (long, short): (Vec<Range<usize>>, Vec<Range<usize>>) = runs(step.slots)
         .into_iter()
-        .filter(|run| run.len() >= MIN_TILED_RUN)
-        .collect();
-    let mut tiled = vec![false; slots.len()];
-    for run in &long_runs {
-        tiled[run.clone()].fill(true);
-    }
-    let isa = detect_isa();
-    let mut out = vec![0f32; slots.len() * width];
-    decode::attend_tokens(isa, geom, layer, slots, &tiled, q, slopes, scale, &mut out);
-    let long_out = prefill::attend_long_runs(isa, geom, layer, slots, &long_runs, q, slopes, scale);
-    for (run, rows) in long_runs.iter().zip(long_out) {
-        out[run.start * width..run.end * width].copy_from_slice(&rows);
-    }
+        .partition(|run| run.len() >= MIN_TILED_RUN);
+    let mut out = vec![0f32; step.slots.len() * width];
+    let singles: Vec<usize> = short.into_iter().flatten().collect();
+    decode::attend_tokens(isa, step, pools, &singles, &mut out);
+    prefill::attend_runs(isa, step, pools, &long, &mut out);
     out
 }
 

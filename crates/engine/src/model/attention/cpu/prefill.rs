@@ -1,126 +1,114 @@
-//! Paged attention for prompt chunks on the CPU. A chunk is a run of consecutive positions of
-//! one sequence; its queries share keys, so per head we gather the sequence's keys and values out
-//! of the paged pool once, and compute the scores of a tile of queries against all keys they may
-//! see as one register-tiled product (`kernels::cpu::matmul::dot_rows`) instead of one dot product at a
-//! time. Same definition as the decode kernel: for a query at position `p`, keys `0..=p`,
-//! score `scale · q·k_j + slope · (j − p)`, softmax, weighted sum of values.
+//! Attention for prompt chunks on the CPU. A chunk is a run of consecutive positions of one
+//! sequence; one task per (run, head, tile of `QUERY_TILE` queries), so every thread works on a
+//! single long prompt. A task walks the key segments its queries see (causal: none past its last
+//! query), runs the tile kernel over each for its queries `MAX_TILE_QUERIES` at a time, and merges
+//! the segment states left to right — the definition of `attention_tile`, so the output does not
+//! depend on where the chunk starts or which queries share a tile. Scratch is O(tile): the
+//! queries, one accumulator row per query, and the output rows.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::TokenSlot;
-use super::softmax::softmax_causal;
+use super::Step;
+use crate::kernels::cpu::attention_tile::{
+    MAX_TILE_QUERIES, SoftmaxState, attend_segment, finish, merge, padded, segment_len,
+};
 use crate::kernels::cpu::isa::{Isa, with_isa};
-use crate::kernels::cpu::matmul::{Rows, dot_rows};
-use crate::kv::KvGeometry;
-use crate::kv::storage::LayerKv;
-/// Queries per tile: their scores against up to a few thousand keys stay in L2.
+use crate::kernels::cpu::kv_elem::KvElem;
+use crate::kv::storage::Pools;
+
+/// Queries per task: enough to reuse each segment's keys from L2 several times, few enough that
+/// one prompt chunk makes many tasks.
 const QUERY_TILE: usize = 32;
 
-/// Attention output of one head for every token of `run` (a chunk of one sequence), as rows of
-/// `head_dim` floats. `q` holds all of the step's queries, rows of `n_heads · head_dim`.
-/// Inlined into `with_isa` so its loops are vectorised for the CPU at hand.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn attend_run(
+/// Fills the output rows of every slot in `runs` (each a run of consecutive positions).
+pub(super) fn attend_runs<T: KvElem>(
     isa: Isa,
-    geom: &KvGeometry,
-    layer: &LayerKv,
-    run: &[TokenSlot<'_>],
-    q: &[f32],
-    head: usize,
-    slope: f32,
-    scale: f32,
-) -> Vec<f32> {
-    let (hd, nh, bs) = (geom.head_dim, geom.n_heads, geom.block_size);
-    let first_pos = run[0].pos;
-    let keys_len = run[run.len() - 1].pos + 1;
-    let table = run[0].block_table;
-
-    // Keys as dense rows; values transposed (one row per channel) so that P·V is also a product
-    // of k-contiguous rows.
-    let mut keys = Vec::with_capacity(keys_len * hd);
-    let mut values_t = vec![0f32; hd * keys_len];
-    for j in 0..keys_len {
-        let at = geom.offset(table[j / bs] as usize, head, j % bs);
-        keys.extend_from_slice(&layer.k[at..at + hd]);
-        for (d, &v) in layer.v[at..at + hd].iter().enumerate() {
-            values_t[d * keys_len + j] = v;
-        }
-    }
-    let queries: Vec<f32> = (0..run.len())
-        .flat_map(|t| &q[t * nh * hd + head * hd..][..hd])
-        .copied()
+    step: &Step<'_>,
+    pools: &Pools<T>,
+    runs: &[Range<usize>],
+    out: &mut [f32],
+) {
+    let (nh, hd) = (step.geom.n_heads, step.geom.head_dim);
+    let tasks: Vec<(Range<usize>, usize)> = runs
+        .iter()
+        .flat_map(|run| {
+            (run.start..run.end)
+                .step_by(QUERY_TILE)
+                .flat_map(move |s| (0..nh).map(move |h| (s..(s + QUERY_TILE).min(run.end), h)))
+        })
         .collect();
-
-    let mut out = vec![0f32; run.len() * hd];
-    let mut probs = Vec::new();
-    for tile_start in (0..run.len()).step_by(QUERY_TILE) {
-        let rows = QUERY_TILE.min(run.len() - tile_start);
-        // The tile's last query sees the most keys; earlier ones get zero weight beyond their own.
-        let visible = first_pos + tile_start + rows;
-        probs.clear();
-        probs.resize(rows * visible, 0.0);
-        let tile_queries = Rows::dense(&queries[tile_start * hd..(tile_start + rows) * hd], hd);
-        dot_rows(
-            isa,
-            tile_queries,
-            Rows::dense(&keys[..visible * hd], hd),
-            hd,
-            &mut probs,
-        );
-        for (r, row) in probs.chunks_exact_mut(visible).enumerate() {
-            softmax_causal(row, first_pos + tile_start + r, slope, scale);
-        }
-        let values = Rows {
-            data: &values_t,
-            count: hd,
-            stride: keys_len,
-        };
-        let tile_out = &mut out[tile_start * hd..(tile_start + rows) * hd];
-        dot_rows(isa, Rows::dense(&probs, visible), values, visible, tile_out);
-    }
-    out
-}
-
-/// For every run of at least `MIN_TILED_RUN` tokens, its attention output rows (all heads) as
-/// `(run, rows of n_heads · head_dim)`, computed in parallel over (run, head).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend_long_runs(
-    isa: Isa,
-    geom: &KvGeometry,
-    layer: &LayerKv,
-    slots: &[TokenSlot<'_>],
-    long_runs: &[Range<usize>],
-    q: &[f32],
-    slopes: &[f32],
-    scale: f32,
-) -> Vec<Vec<f32>> {
-    let (hd, nh) = (geom.head_dim, geom.n_heads);
-    let per_head: Vec<Vec<f32>> = long_runs
+    let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .flat_map_iter(|run| (0..nh).map(move |h| (run.clone(), h)))
-        .map(|(run, h)| {
-            let queries = &q[run.start * nh * hd..run.end * nh * hd];
+        .map(|(tile, head)| {
             with_isa(
                 isa,
                 #[inline(always)]
-                || attend_run(isa, geom, layer, &slots[run], queries, h, slopes[h], scale),
+                || attend_tile(isa, step, pools, tile.clone(), *head),
             )
         })
         .collect();
-    long_runs
-        .iter()
-        .zip(per_head.chunks_exact(nh))
-        .map(|(run, heads)| {
-            let mut rows = vec![0f32; run.len() * nh * hd];
-            for (h, head_out) in heads.iter().enumerate() {
-                for (t, src) in head_out.chunks_exact(hd).enumerate() {
-                    rows[t * nh * hd + h * hd..][..hd].copy_from_slice(src);
-                }
+    for ((tile, head), rows) in tasks.iter().zip(results) {
+        for (t, row) in tile.clone().zip(rows.chunks_exact(hd)) {
+            out[(t * nh + head) * hd..][..hd].copy_from_slice(row);
+        }
+    }
+}
+
+/// Output rows (`head_dim` each) of head `head` for the consecutive slots `tile`.
+#[inline(always)]
+fn attend_tile<T: KvElem>(
+    isa: Isa,
+    step: &Step<'_>,
+    pools: &Pools<T>,
+    tile: Range<usize>,
+    head: usize,
+) -> Vec<f32> {
+    let hd = step.geom.head_dim;
+    let stride = padded(hd);
+    let n = tile.len();
+    let first_pos = step.slots[tile.start].pos;
+    let keys_end = first_pos + n; // the last query sees keys 0..first_pos + n
+    let pools_h = step.head(pools, tile.start, head);
+    let mut q = vec![0f32; n * hd];
+    for (i, t) in tile.clone().enumerate() {
+        step.scaled_query(t, head, &mut q[i * hd..(i + 1) * hd]);
+    }
+    let mut totals = vec![SoftmaxState::EMPTY; n];
+    let mut total_acc = vec![0f32; n * stride];
+    let mut part = [SoftmaxState::EMPTY; MAX_TILE_QUERIES];
+    let mut part_acc = vec![0f32; MAX_TILE_QUERIES * stride];
+    let seg = segment_len(step.geom.block_size);
+    for start in (0..keys_end).step_by(seg) {
+        let keys = start..(start + seg).min(keys_end);
+        for g in (0..n).step_by(MAX_TILE_QUERIES) {
+            let m = MAX_TILE_QUERIES.min(n - g);
+            let qg = &q[g * hd..(g + m) * hd];
+            let states = &mut part[..m];
+            attend_segment(
+                isa,
+                &pools_h,
+                qg,
+                first_pos + g,
+                keys.clone(),
+                states,
+                &mut part_acc,
+            );
+            for r in 0..m {
+                let acc = &mut total_acc[(g + r) * stride..][..stride];
+                merge(
+                    &mut totals[g + r],
+                    acc,
+                    part[r],
+                    &part_acc[r * stride..][..stride],
+                );
             }
-            rows
-        })
-        .collect()
+        }
+    }
+    let mut out = vec![0f32; n * hd];
+    for (r, row) in out.chunks_exact_mut(hd).enumerate() {
+        finish(totals[r], &total_acc[r * stride..], row);
+    }
+    out
 }

@@ -408,17 +408,13 @@ mod tests {
             n_heads: nh,
             head_dim: hd,
         };
-        let mut cpu = LayerKv {
-            k: vec![0.0; nb * geom.block_len()],
-            v: vec![0.0; nb * geom.block_len()],
-        };
+        let mut cpu = LayerKv::zeros(candle_core::DType::F32, nb * geom.block_len()).unwrap();
         for b in 0..nb {
             for o in 0..bs {
                 for h in 0..nh {
                     let src = ((b * bs + o) * nh + h) * hd;
-                    let dst = geom.offset(b, h, o);
-                    cpu.k[dst..dst + hd].copy_from_slice(&km[src..src + hd]);
-                    cpu.v[dst..dst + hd].copy_from_slice(&vm[src..src + hd]);
+                    let rows = (&km[src..src + hd], &vm[src..src + hd]);
+                    cpu.write(&geom, (b, h, o), rows.0, rows.1);
                 }
             }
         }
