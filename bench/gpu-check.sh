@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of issue 7, in one run on a machine with an NVIDIA GPU (docs/gpu.md).
+# The GPU device check, in one run on a machine with an NVIDIA GPU (docs/gpu.md).
 #
 #   bash bench/gpu-check.sh pack    # HERE (no GPU needed): build the cuda example binary and the
 #                                   # cuda mpt-server, put them xz-compressed in

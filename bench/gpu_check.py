@@ -13,7 +13,7 @@ transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--serv
 (b) Speed. Dummy weights at MPT-7B and MPT-30B shapes: decode ms/step at batch 1, 16, 64 (context
     512) and prefill tokens/s (2048 tokens), each against its floor: weights (+ the KV cache a
     decode step reads) / measured device copy bandwidth, and 2 x params x tokens / measured bf16
-    matmul rate. Target from issue 7: batch-1 decode <= 1.2 x its floor.
+    matmul rate. Target: batch-1 decode <= 1.2 x its floor.
 (c) The served path (with --server): mpt-server with `--load-format dummy` at MPT-7B shapes on the
     GPU, once per `--attention-kernels` value, the KV pool sized by `--gpu-memory-utilization`
     (its "KV cache pool" log line is printed); a 1500-token prompt and 16 concurrent requests must
