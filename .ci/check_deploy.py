@@ -41,7 +41,7 @@ CONFIG = ROOT / "config"
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 DEFAULT_PORT = 8000
 DEFAULT_SHUTDOWN_TIMEOUT = 30
-# The metric names issue 4 fixes; used when the server code does not (yet) define any.
+# The metric names the server exposes; used when the server code does not (yet) define any.
 SPEC_METRICS = {
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc", "vllm:num_preemptions_total", "vllm:prompt_tokens_total",
@@ -350,7 +350,7 @@ def exported_metrics() -> set[str]:
     for src in (ROOT / "crates/server/src").rglob("*.rs"):
         names |= set(re.findall(r'"((?:vllm|mpt):[a-z0-9_]+)"', src.read_text()))
     if not names:
-        print("note: no vllm:* or mpt:* metric names in crates/server/src yet; using issue 4's names")
+        print("note: no vllm:* or mpt:* metric names in crates/server/src yet; using the expected names")
         return set(SPEC_METRICS)
     return names
 

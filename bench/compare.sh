@@ -24,6 +24,10 @@
 # tests/fixtures/requirements.txt installed; default .venv-ref, else a new venv), BENCH_PORT_OURS
 # (18000), BENCH_PORT_LLAMA (18080), LLAMA_CPP_PYTHON (the pinned sdist version),
 # BENCH_ONLY (ours|llama to run one server), BENCH_QUICK=1 (fewer requests: a smoke run),
+# BENCH_FORMAT (f32, q8_0 or bf16: the weights both servers serve; for q8_0 and bf16 both load
+# the same GGUF file, ours with --model FILE.gguf), BENCH_NO_TORCH=1 (write that GGUF with
+# tests/fixtures/make_gguf.py from random weights of the same shape instead of torch +
+# llama.cpp's converter; needs `gguf numpy safetensors ml_dtypes` in the python).
 # BENCH_LONG (1: also the long-context runs below; only: just them), BENCH_LONG_CHUNK (512).
 # Every step has a time limit; every bench level stops by itself (request count + time cap).
 set -euo pipefail
@@ -39,7 +43,9 @@ LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 CMAKE_VERSION=4.4.4
 MODEL_NAME=mpt-125m
 CKPT=$WORK/$MODEL_NAME
-GGUF=$WORK/$MODEL_NAME-f32.gguf
+FORMAT=${BENCH_FORMAT:-f32}
+case $FORMAT in f32|q8_0|bf16) ;; *) echo "BENCH_FORMAT must be f32, q8_0 or bf16" >&2; exit 2;; esac
+GGUF=$WORK/$MODEL_NAME-$FORMAT.gguf
 SRC=$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON
 LLAMA=$SRC/vendor/llama.cpp
 BUILD=$WORK/llama-build-$LLAMA_CPP_PYTHON
@@ -73,8 +79,10 @@ if ! "$PY" -c 'import yaml' 2>/dev/null; then
 fi
 
 # ---- 1. checkpoint ----------------------------------------------------------------------------
-log "checkpoint: $CKPT"
-timeout 900 "$PY" "$ROOT/bench/make_checkpoint.py" --out "$CKPT"
+if [[ ${BENCH_NO_TORCH:-0} != 1 ]]; then
+  log "checkpoint: $CKPT"
+  timeout 900 "$PY" "$ROOT/bench/make_checkpoint.py" --out "$CKPT"
+fi
 
 # ---- 2. llama.cpp source and build --------------------------------------------------------------
 if [[ ! -d $LLAMA ]]; then
@@ -107,11 +115,23 @@ if [[ ! -x $LLAMA_SERVER ]]; then
 fi
 
 # ---- 3. GGUF ------------------------------------------------------------------------------------
-if [[ ! -f $GGUF ]]; then
-  log "converting to GGUF f32: $GGUF"
-  PYTHONPATH=$LLAMA/gguf-py${PYTHONPATH:+:$PYTHONPATH} timeout 1200 "$PY" \
-    "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype f32 --outfile "$GGUF.tmp"
+if [[ ! -f $GGUF && ${BENCH_NO_TORCH:-0} == 1 ]]; then
+  log "writing a random ~125M MPT as GGUF $FORMAT (make_gguf.py, no torch): $GGUF"
+  timeout 1200 "$PY" "$ROOT/tests/fixtures/make_gguf.py" random "$GGUF.tmp" "$FORMAT"
   mv "$GGUF.tmp" "$GGUF"
+elif [[ ! -f $GGUF ]]; then
+  log "converting to GGUF $FORMAT: $GGUF"
+  PYTHONPATH=$LLAMA/gguf-py${PYTHONPATH:+:$PYTHONPATH} timeout 1200 "$PY" \
+    "$LLAMA/convert_hf_to_gguf.py" "$CKPT" --outtype "$FORMAT" --outfile "$GGUF.tmp"
+  mv "$GGUF.tmp" "$GGUF"
+fi
+# What our server loads: the checkpoint directory in f32 (as before), else the same GGUF file.
+if [[ $FORMAT == f32 && ${BENCH_NO_TORCH:-0} != 1 ]]; then
+  OURS_MODEL=(--model "$CKPT" --dtype f32)
+elif [[ $FORMAT == bf16 ]]; then
+  OURS_MODEL=(--model "$GGUF" --dtype bf16)
+else
+  OURS_MODEL=(--model "$GGUF" --dtype f32)
 fi
 
 # ---- 4. our binaries ----------------------------------------------------------------------------
@@ -176,8 +196,8 @@ run_load() { # label, port, extra decode flags...
 LONG=${BENCH_LONG:-0}
 if [[ $LONG != only && ${BENCH_ONLY:-ours} != llama ]]; then
   log "starting mpt-server on 127.0.0.1:$PORT_OURS (threads $THREADS, max-num-seqs $PARALLEL)"
-  "$SERVER" --model "$CKPT" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
-    --port "$PORT_OURS" --threads "$THREADS" --max-num-seqs "$PARALLEL" --dtype f32 \
+  "$SERVER" "${OURS_MODEL[@]}" --served-model-name "$MODEL_NAME" --host 127.0.0.1 \
+    --port "$PORT_OURS" --threads "$THREADS" --max-num-seqs "$PARALLEL" \
     >"$OUT/mpt-server.log" 2>&1 &
   SERVER_PID=$!
   wait_ready "$PORT_OURS" /ready "$OUT/mpt-server.log"
@@ -188,10 +208,23 @@ fi
 if [[ $LONG != only && ${BENCH_ONLY:-llama} != ours ]]; then
   log "starting llama-server on 127.0.0.1:$PORT_LLAMA (threads $THREADS, -np $PARALLEL, -cb)"
   # -c: 1024 tokens of context per parallel sequence (prompt 512 + output, or 128 + 128).
-  "$LLAMA_SERVER" -m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA" \
-    -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * LLAMA_SLOTS_PER_SEQ)) \
-    >"$OUT/llama-server.log" 2>&1 &
+  LLAMA_ARGS=(-m "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT_LLAMA"
+    -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -cb -c $((PARALLEL * LLAMA_SLOTS_PER_SEQ)))
+  "$LLAMA_SERVER" "${LLAMA_ARGS[@]}" >"$OUT/llama-server.log" 2>&1 &
   SERVER_PID=$!
+  # llama-server segfaults at load on MPT Q8_0 files on some AMX CPUs unless weight repacking
+  # is off: detect the early exit and retry with --no-repack (recorded in the results).
+  for _ in $(seq 1 20); do
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    curl -sf -o /dev/null "http://127.0.0.1:$PORT_LLAMA/health" && break
+    sleep 1
+  done
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    log "llama-server exited at load; retrying with --no-repack"
+    echo "llama-server: exited at load without --no-repack; ran with --no-repack" >>"$OUT/loadavg.txt"
+    "$LLAMA_SERVER" "${LLAMA_ARGS[@]}" --no-repack >"$OUT/llama-server.log" 2>&1 &
+    SERVER_PID=$!
+  fi
   wait_ready "$PORT_LLAMA" /health "$OUT/llama-server.log"
   run_load llama-server "$PORT_LLAMA" --kv-slots-per-seq "$LLAMA_SLOTS_PER_SEQ"
   stop_server
@@ -311,7 +344,8 @@ if [[ -f $OUT/mpt-serve/decode.json && -f $OUT/llama-server/decode.json ]]; then
   {
     echo
     echo "Machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores;" \
-      "threads $THREADS, parallel sequences $PARALLEL; llama-cpp-python $LLAMA_CPP_PYTHON sdist."
+      "threads $THREADS, parallel sequences $PARALLEL; weights $FORMAT; llama-cpp-python" \
+      "$LLAMA_CPP_PYTHON sdist."
     echo
     sed 's/^/- /' "$OUT/loadavg.txt"
   } >>"$OUT/comparison.md"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of issue 7, in one run on a machine with an NVIDIA GPU (docs/gpu.md).
+# The GPU device check, in one run on a machine with an NVIDIA GPU (docs/gpu.md).
 #
 #   bash bench/gpu-check.sh pack    # HERE (no GPU needed): build the cuda example binary and the
 #                                   # cuda mpt-server, put them xz-compressed in
@@ -9,9 +9,8 @@
 #   bash bench/gpu-check.sh smoke   # HERE: the same Python checks on the CPU at toy sizes, with a
 #                                   # CPU build (tests this script and the binary's CPU paths)
 #
-# With the session's device tool, after `pack`:
-#   run(command="bash bench/gpu-check.sh run", carry=["bench/gpu-check-bin"], timeout_s=560)
-# The log is also written to $OUT/gpu-check.log when $OUT is set. Expected device time: about
+# After `pack`, copy the checkout with bench/gpu-check-bin/ to the GPU machine and run `run`
+# there. The log is also written to $OUT/gpu-check.log when $OUT is set. Expected time: about
 # 5-7 minutes (machine start not included); gpu_check.py prints a summary table last.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

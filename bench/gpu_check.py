@@ -13,7 +13,7 @@ transformers (no Rust toolchain, no network). Usage: gpu_check.py BINARY [--serv
 (b) Speed. Dummy weights at MPT-7B and MPT-30B shapes: decode ms/step at batch 1, 16, 64 (context
     512) and prefill tokens/s (2048 tokens), each against its floor: weights (+ the KV cache a
     decode step reads) / measured device copy bandwidth, and 2 x params x tokens / measured bf16
-    matmul rate. Target from issue 7: batch-1 decode <= 1.2 x its floor.
+    matmul rate. Target: batch-1 decode <= 1.2 x its floor.
 (c) The served path (with --server): mpt-server with `--load-format dummy` at MPT-7B shapes on the
     GPU, once per `--attention-kernels` value, the KV pool sized by `--gpu-memory-utilization`
     (its "KV cache pool" log line is printed); a 1500-token prompt and 16 concurrent requests must
@@ -292,6 +292,56 @@ def speed() -> None:
                         f"x{r['s'] / floor_s:.2f}", "-", None)
 
 
+def quantized() -> None:
+    """q8_0 through candle's quantized CUDA matmuls: logits against transformers f32 and against
+    our CPU q8_0 path (same bytes, so the two differ only by kernel rounding), then the MPT-30B
+    shape's decode speed against the q8_0 bytes' bandwidth floor (the A100 40 GB profile)."""
+    spec = CHECKPOINTS[0]
+    path, model = build_checkpoint(spec, seed=100)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (L,), generator=gen).tolist() for L in PROMPT_LENGTHS]
+    (WORK / "prompts-q.json").write_text(json.dumps(prompts))
+    ref, _, _ = reference(model, prompts, torch.float32)
+    got = {}
+    for device, dtype in (("cpu", "f32"), (DEV, "f32" if SMOKE else "bf16")):
+        out = WORK / f"out-q8_0-{device}.safetensors"
+        try:
+            run_binary(["logits", "--model", str(path), "--prompts", str(WORK / "prompts-q.json"),
+                        "--out", str(out), "--device", device, "--dtype", dtype,
+                        "--attention", "cpu" if device == "cpu" else "tensor",
+                        "--greedy", str(GREEDY), "--quantization", "q8_0"])
+        except Exception as e:
+            row(f"q8_0 {device} logits", f"error: {str(e).splitlines()[0][:80]}", "-", False)
+            continue
+        t = load_file(str(out))
+        got[device] = torch.cat([t[f"logits.{i}"] for i in range(len(prompts))])
+        err = rel(got[device], torch.cat(ref))
+        row(f"q8_0 {device} {dtype}: logits vs transformers f32", f"{err:.2e}", "5e-2", err <= 5e-2)
+    if "cpu" in got and DEV in got and DEV != "cpu":
+        e = rel(got[DEV], got["cpu"])
+        row(f"q8_0 {DEV} vs our CPU q8_0", f"{e:.2e}", "3e-2", e <= 3e-2)
+    bw, _ = measure_device()
+    s = dict(d_model=256, n_heads=4, n_layers=2) if SMOKE else dict(d_model=7168, n_heads=64, n_layers=48)
+    cfg = {**mosaic_config(s), "vocab_size": 1000 if SMOKE else 50432, "max_seq_len": 2048}
+    cfg_path = WORK / "q8_0-shape.json"
+    cfg_path.write_text(json.dumps(cfg))
+    args = ["bench", "--config", str(cfg_path), "--device", DEV, "--dtype", "f32" if SMOKE else "bf16",
+            "--attention", "tensor", "--batches", "1,8", "--context", "512", "--steps", "16",
+            "--prefill", "512", "--quantization", "q8_0"]
+    try:
+        lines = run_binary(args, timeout=900).splitlines()
+    except Exception as e:
+        row("q8_0 bench", f"error: {str(e).splitlines()[0][:80]}", "-", False)
+        return
+    for line in lines:
+        r = json.loads(line)
+        if r["kind"] == "decode":
+            floor = r["weight_bytes"] / bw * 1e3
+            row(f"q8_0 {'mpt-30b' if not SMOKE else 'toy'} decode b={r['batch']}",
+                f"{r['ms_per_step']:.2f} ms/step ({r['tokens_per_s']:.0f} tok/s), weights "
+                f"{r['weight_bytes'] / 1e9:.1f} GB, floor {floor:.2f} ms", "-", None)
+
+
 def word_tokenizer(vocab: int) -> dict:
     """tokenizer.json of a word-level tokenizer: `<|endoftext|>` = 0, then w1, w2, ... (every id
     decodes, so a dummy model's random tokens do too)."""
@@ -409,7 +459,7 @@ def main() -> int:
     if not SMOKE:
         log(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
     torch.set_num_threads(min(16, os.cpu_count() or 1))
-    for phase in (correctness, speed, served):
+    for phase in (correctness, speed, quantized, served):
         try:
             phase()
         except Exception as e:

@@ -4,8 +4,8 @@
 //! ```text
 //! gpu_check logits --model DIR --prompts P.json --out OUT.safetensors
 //!                  [--device cpu|cuda:N] [--dtype f32|f16|bf16] [--attention cpu|tensor|kernels]
-//!                  [--chunk N] [--greedy N]
-//! gpu_check bench  --config CONFIG.json [--device ..] [--dtype ..] [--attention ..]
+//!                  [--chunk N] [--greedy N] [--quantization q8_0|q4_k|q6_k|q4_0]
+//! gpu_check bench  --config CONFIG.json [--device ..] [--dtype ..] [--attention ..] [--quantization ..]
 //!                  [--batches 1,16,64] [--context 512] [--steps 32] [--prefill 2048]
 //! ```
 //! `logits`: every prompt (token ids, a JSON list of lists) runs in one continuous batch: prompt
@@ -22,8 +22,18 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use mpt_engine::kv::KvCache;
+use mpt_engine::model::mpt::LoadOptions;
 use mpt_engine::model::{LogitsWanted, ModelBatch, Mpt, SeqChunk};
-use mpt_engine::{ModelSource, MptConfig};
+use mpt_engine::{ModelSource, MptConfig, Quantization};
+
+/// `--quantization NAME` (absent: none).
+fn load_options(args: &Args) -> anyhow::Result<LoadOptions> {
+    let quantization = match args.get("quantization", "none").as_str() {
+        "none" => None,
+        name => Some(Quantization::parse(name).map_err(anyhow::Error::msg)?),
+    };
+    Ok(LoadOptions { quantization })
+}
 
 struct Args(HashMap<String, String>);
 
@@ -90,10 +100,12 @@ fn argmax(row: &[f32]) -> u32 {
 
 fn logits(args: &Args) -> anyhow::Result<()> {
     let dev = device(&args.get("device", "cpu"))?;
-    let mut model = Mpt::load(
+    let mut model = Mpt::load_with(
         &ModelSource::Dir(args.need("model")?.into()),
         &dev,
         dtype(&args.get("dtype", "f32"))?,
+        load_options(args)?,
+        &|_| {},
     )?;
     let prompts: Vec<Vec<u32>> =
         serde_json::from_str(&std::fs::read_to_string(args.need("prompts")?)?)?;
@@ -201,7 +213,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         args.num("prefill", 2048)?,
     );
     let load = Instant::now();
-    let mut model = Mpt::dummy(config.clone(), &dev, dt, 0)?;
+    let options = load_options(args)?;
+    let mut model = Mpt::dummy_with(config.clone(), &dev, dt, 0, options)?;
     dev.synchronize()?;
     let load_s = load.elapsed().as_secs_f64();
     let block_size = 16;
@@ -209,7 +222,14 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let per_seq = (context + steps + 1).div_ceil(block_size);
     let blocks = (max_batch * per_seq).max(prefill.div_ceil(block_size));
     let mut cache = cache(&mut model, &attention, blocks, block_size)?;
-    let wb = weight_bytes(&config, dt);
+    let wb = if options.quantization.is_some() {
+        // Matrices at their quantized size, plus the (small) vectors at the run dtype.
+        let vectors =
+            (config.n_layers * 4 * config.d_model + 2 * config.d_model) * dt.size_in_bytes();
+        model.weight_bytes().values().sum::<u64>() as usize + vectors
+    } else {
+        weight_bytes(&config, dt)
+    };
     let vocab = config.vocab_size as u32;
     let common = format!(
         r#""attention":"{attention}","d_model":{},"n_layers":{},"weight_bytes":{wb},"load_s":{load_s:.1}"#,

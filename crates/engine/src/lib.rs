@@ -23,7 +23,7 @@ pub mod tokenizer;
 
 pub use api::config::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
-    LoadFormat, ModelSource,
+    LoadFormat, ModelSource, Quantization,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

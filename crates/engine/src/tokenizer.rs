@@ -43,6 +43,13 @@ impl Tokenizer {
         })
     }
 
+    /// Wraps a tokenizer built in code (e.g. rebuilt from a GGUF file's metadata).
+    pub(crate) fn from_hf(inner: tokenizers::Tokenizer) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// Encodes text to ids without adding special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(tok_err)?;

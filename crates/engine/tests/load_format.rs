@@ -1,4 +1,4 @@
-//! Startup settings of issue 7 through the engine handle, on the CPU: `--load-format dummy`
+//! GPU-related startup settings through the engine handle, on the CPU: `--load-format dummy`
 //! serves a checkpoint directory that holds only `config.json` and `tokenizer.json`;
 //! `--attention-kernels custom` is refused on the CPU with a message naming the fix; the
 //! automatic KV cache is the CPU byte budget; the profiling batch of `--gpu-memory-utilization`

@@ -87,6 +87,50 @@ pub enum LoadFormat {
     Dummy,
 }
 
+/// In-situ weight quantization at load (`--quantization`): ggml's block formats, so weights
+/// are byte-identical to llama.cpp's conversion of the same checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quantization {
+    /// 8-bit, blocks of 32 with an f16 scale (8.5 bits per weight).
+    Q8_0,
+    /// 4-bit K-quant, super-blocks of 256 with 6-bit scales and mins (4.5 bits per weight).
+    Q4K,
+    /// 6-bit K-quant, super-blocks of 256 (6.5625 bits per weight).
+    Q6K,
+    /// 4-bit, blocks of 32 with an f16 scale (4.5 bits per weight).
+    Q4_0,
+}
+
+impl Quantization {
+    /// Every format, as `--quantization` lists them.
+    pub const ALL: [Quantization; 4] = [Self::Q8_0, Self::Q4K, Self::Q6K, Self::Q4_0];
+
+    /// The name on the command line and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
+            Self::Q6K => "q6_k",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Parses a name (case-insensitive); the error lists the valid ones.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|q| q.name() == lower)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|q| q.name()).collect();
+                format!(
+                    "unknown quantization {text:?} (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 /// Which attention implementation runs on a CUDA device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionKernels {
@@ -106,6 +150,8 @@ pub const DUMMY_WEIGHTS_SEED: u64 = 0;
 pub enum ModelSource {
     /// A Hugging Face style directory: `config.json`, `tokenizer.json`, weights.
     Dir(PathBuf),
+    /// A GGUF file as llama.cpp's `convert_hf_to_gguf.py` writes it for MPT.
+    Gguf(PathBuf),
     /// The small demo checkpoint compiled into the binary.
     Demo,
 }
@@ -119,6 +165,10 @@ pub struct EngineConfig {
     pub device: DeviceSpec,
     /// Weight and activation dtype.
     pub dtype: DTypeSpec,
+    /// Quantize the linear layers and the embedding to this ggml format while loading.
+    pub quantization: Option<Quantization>,
+    /// A `tokenizer.json` to use instead of the model's own.
+    pub tokenizer: Option<PathBuf>,
     /// Context limit; `None` uses the checkpoint's `max_seq_len`. May exceed it (ALiBi).
     pub max_model_len: Option<usize>,
     /// Tokens per KV block.
@@ -164,6 +214,8 @@ impl Default for EngineConfig {
             model: ModelSource::Demo,
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::Auto,
+            quantization: None,
+            tokenizer: None,
             max_model_len: None,
             block_size: 16,
             kv_cache: KvCacheSize::Auto,

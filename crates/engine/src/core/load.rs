@@ -1,7 +1,9 @@
-//! Loading: the device, the weights (checkpoint or dummy), the tokenizer and the KV cache pool,
+//! Loading: the device, the weights (checkpoint, GGUF file or dummy; quantized while read when
+//! asked), the tokenizer and the KV cache pool,
 //! everything the engine thread owns, plus the facts the handle needs ([`Ready`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 
@@ -17,6 +19,8 @@ use crate::kv::KvCache;
 use crate::kv::budget::{PoolNeeds, fixed_kv_cache_blocks, gib};
 use crate::model::Mpt;
 use crate::model::config::MptConfig;
+use crate::model::gguf::GgufFile;
+use crate::model::mpt::LoadOptions;
 use crate::sched::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -97,14 +101,25 @@ pub(crate) fn dtype_name(dtype: DType) -> &'static str {
 /// shapes in `config.json`.
 fn load_model(
     config: &EngineConfig,
+    gguf: Option<&GgufFile>,
     device: &Device,
     dtype: DType,
     on_progress: &dyn Fn(LoadProgress),
 ) -> Result<Mpt> {
+    let options = LoadOptions {
+        quantization: config.quantization,
+    };
     let mcfg = match (config.load_format, &config.model) {
-        (LoadFormat::Auto, source) => {
-            return Mpt::load_reporting(source, device, dtype, on_progress);
+        (LoadFormat::Auto, ModelSource::Gguf(_)) => {
+            let file = gguf.expect("the GGUF file is opened before the model; this is a bug");
+            return Mpt::from_gguf(file, device, dtype, options, on_progress);
         }
+        (LoadFormat::Auto, source) => {
+            return Mpt::load_with(source, device, dtype, options, on_progress);
+        }
+        (LoadFormat::Dummy, ModelSource::Gguf(_)) => gguf
+            .expect("the GGUF file is opened before the model; this is a bug")
+            .config()?,
         (LoadFormat::Dummy, ModelSource::Demo) => {
             MptConfig::from_json(crate::model::demo::CONFIG_JSON)?
         }
@@ -127,7 +142,46 @@ fn load_model(
         n_layers = mcfg.n_layers,
         "--load-format dummy: random weights of the checkpoint's shapes; the output is noise"
     );
-    Mpt::dummy(mcfg, device, dtype, DUMMY_WEIGHTS_SEED)
+    Mpt::dummy_with(mcfg, device, dtype, DUMMY_WEIGHTS_SEED, options)
+}
+
+/// The tokenizer: `--tokenizer` if given; else the model's `tokenizer.json` (for a GGUF file
+/// the one beside it, or the one rebuilt from its metadata); the model's directory, if any.
+fn load_tokenizer(
+    config: &EngineConfig,
+    gguf: Option<&GgufFile>,
+) -> Result<(Tokenizer, Option<std::path::PathBuf>)> {
+    let dir = match &config.model {
+        ModelSource::Demo => None,
+        ModelSource::Dir(dir) => Some(dir.clone()),
+        ModelSource::Gguf(file) => file.parent().map(std::path::Path::to_path_buf),
+    };
+    if let Some(path) = &config.tokenizer {
+        return Ok((Tokenizer::from_file(path)?, dir));
+    }
+    let tokenizer = match (&config.model, gguf) {
+        (ModelSource::Demo, _) => Tokenizer::from_bytes(crate::model::demo::TOKENIZER_JSON)?,
+        (ModelSource::Dir(dir), _) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+        (ModelSource::Gguf(_), Some(file)) => {
+            let beside = dir.as_deref().map(|d| d.join("tokenizer.json"));
+            match beside.filter(|p| p.is_file()) {
+                Some(path) => {
+                    tracing::info!(path = %path.display(), "tokenizer: the tokenizer.json beside the GGUF file");
+                    Tokenizer::from_file(&path)?
+                }
+                None => {
+                    tracing::info!(
+                        "tokenizer: rebuilt from the GGUF file's tokenizer.ggml.* metadata"
+                    );
+                    file.tokenizer()?
+                }
+            }
+        }
+        (ModelSource::Gguf(_), None) => {
+            unreachable!("the GGUF file is opened before the tokenizer; this is a bug")
+        }
+    };
+    Ok((tokenizer, dir))
 }
 
 /// KV blocks for `config` and a sentence on how they were chosen; on a GPU with no explicit
@@ -213,18 +267,24 @@ pub(crate) fn load(
 ) -> Result<(Loaded, Ready)> {
     let device = resolve_device(config.device)?;
     let dtype = resolve_dtype(config.dtype, &device);
-    let mut model = load_model(config, &device, dtype, on_progress)?;
-    model.set_cuda_attention_kernels(config.attention_kernels == AttentionKernels::Custom)?;
-    let (tokenizer, model_dir) = match &config.model {
-        ModelSource::Demo => (
-            Tokenizer::from_bytes(crate::model::demo::TOKENIZER_JSON)?,
-            None,
-        ),
-        ModelSource::Dir(dir) => (
-            Tokenizer::from_file(&dir.join("tokenizer.json"))?,
-            Some(dir.clone()),
-        ),
+    let gguf = match &config.model {
+        ModelSource::Gguf(path) => Some(GgufFile::open(path)?),
+        _ => None,
     };
+    let started = Instant::now();
+    let mut model = load_model(config, gguf.as_ref(), &device, dtype, on_progress)?;
+    tracing::info!(
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        quantization = config.quantization.map_or("none", |q| q.name()),
+        "model weights loaded"
+    );
+    model.set_cuda_attention_kernels(config.attention_kernels == AttentionKernels::Custom)?;
+    let (tokenizer, model_dir) = load_tokenizer(config, gguf.as_ref())?;
+    let chat_template = gguf
+        .as_ref()
+        .and_then(GgufFile::chat_template)
+        .or_else(|| model_dir.as_deref().and_then(read_chat_template));
+    drop(gguf);
     let mcfg = model.config().clone();
     let max_model_len = config.max_model_len.unwrap_or(mcfg.max_seq_len);
     if max_model_len == 0 {
@@ -265,7 +325,7 @@ pub(crate) fn load(
         max_model_len,
         vocab_size: mcfg.vocab_size,
         eos_token_id: eos,
-        chat_template: model_dir.as_deref().and_then(read_chat_template),
+        chat_template,
         model_dir,
         kv_cache_dtype: dtype_name(kv_dtype),
         kv_cache_bytes: num_blocks as u64 * bytes_per_block,

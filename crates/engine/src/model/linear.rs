@@ -2,11 +2,22 @@
 //! large weight matrices, where candle's general GEMM leaves much of the memory bandwidth and FMA
 //! throughput unused. So for f32 on the CPU with up to 32 rows we use our register-tiled kernel
 //! (`kernels::cpu::matmul`); prefill chunks and other dtypes and devices go to candle's matmul.
+//! Quantized weights ([`Weight`]) go to our int8 Q8_0 kernel (`kernels::cpu::q8_0`) on the CPU,
+//! and to candle's quantized matmul for the other ggml formats and on CUDA; bf16 weights on the
+//! CPU to our bf16 kernel (`kernels::cpu::bf16`).
+//!
+//! Invariant: a [`Weight`] is `(out, in)`; whatever its storage, `forward` returns activations
+//! in the input's dtype.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
 
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
+
+use crate::kernels::cpu::bf16::{Bf16Dot, bf16_matmul_nt};
 use crate::kernels::cpu::isa::detect_isa;
 use crate::kernels::cpu::matmul::matmul_nt;
+use crate::kernels::cpu::q8_0::{Int8Dot, Q8Matrix};
 
 /// Row counts that use the skinny kernel. Measured on a 2-core AVX-512 EPYC against candle 0.11.1
 /// (`linear_speed_report` below, f32, the ~125M model's shapes): 1.4–2.2× faster at 1 row (the
@@ -14,35 +25,163 @@ use crate::kernels::cpu::matmul::matmul_nt;
 /// level at 24–32 on the 3072 × 768 shape; beyond 32 rows candle's packed GEMM wins.
 const SKINNY_ROWS: std::ops::RangeInclusive<usize> = 1..=32;
 
+/// A weight matrix `(out, in)` in one of the storages the kernels take.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    /// A plain tensor (f32, f16 or bf16) on the model's device.
+    Dense(Tensor),
+    /// ggml Q8_0 repacked for our int8 kernel (CPU).
+    Q8(Arc<Q8Matrix>),
+    /// Any ggml format through candle's quantized matmul (CPU or CUDA).
+    Ggml(Arc<QTensor>),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Self::Q8(m) => (m.rows(), m.k()),
+            Self::Ggml(q) => q.shape().dims2().unwrap_or((0, 0)),
+        }
+    }
+
+    /// Bytes the weight occupies.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Q8(m) => m.bytes(),
+            Self::Ggml(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// Rows `ids` as a `(ids.len(), in)` tensor of `dtype` on `device` (embedding look-up).
+    pub(crate) fn rows(
+        &self,
+        ids: &[u32],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let (n, k) = self.dims();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= n) {
+            candle_core::bail!("row {bad} is outside the matrix of {n} rows");
+        }
+        match self {
+            Self::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0),
+            Self::Q8(m) => {
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
+                    m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), k), device)?.to_dtype(dtype)
+            }
+            Self::Ggml(q) => q
+                .embedding(&Tensor::new(ids, &q.device())?)?
+                .to_device(device)?
+                .to_dtype(dtype),
+        }
+    }
+}
+
 /// `y = x · Wᵀ + b` with `W` stored as `(out, in)`, as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Wraps a `(out, in)` weight and an optional `(out,)` bias.
+    #[cfg(test)]
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_weight(Weight::Dense(weight), bias)
+    }
+
+    /// Wraps a weight of any storage and an optional `(out,)` bias.
+    pub(crate) fn with_weight(weight: Weight, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
+    }
+
+    /// The weight.
+    pub(crate) fn weight(&self) -> &Weight {
+        &self.weight
     }
 
     /// Applies the layer to `x` of shape `(rows, in)`.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let skinny = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && SKINNY_ROWS.contains(&x.dim(0)?);
-        let y = if skinny {
-            x.contiguous()?
-                .apply_op2_no_bwd(&self.weight, &SkinnyMatmul)?
-        } else {
-            x.matmul(&self.weight.t()?)?
+        let y = match &self.weight {
+            Weight::Dense(w) => dense_forward(x, w)?,
+            Weight::Q8(m) => {
+                let dtype = x.dtype();
+                let rows = x.dim(0)?;
+                let xf = x.to_dtype(DType::F32)?.contiguous()?;
+                let values = xf.flatten_all()?.to_vec1::<f32>()?;
+                if values.len() != rows * m.k() {
+                    candle_core::bail!(
+                        "q8_0 linear: input has {} values, not {rows} x {}",
+                        values.len(),
+                        m.k()
+                    );
+                }
+                let out = m.matmul(Int8Dot::detect(), &values, rows);
+                Tensor::from_vec(out, (rows, m.rows()), x.device())?.to_dtype(dtype)?
+            }
+            Weight::Ggml(q) => {
+                let dtype = x.dtype();
+                let mm = QMatMul::from_arc(Arc::clone(q))?;
+                mm.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dtype)?
+            }
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
+    }
+}
+
+/// A plain weight: our kernels on the CPU where they are faster, else candle's matmul.
+fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let cpu = x.device().is_cpu();
+    if cpu && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        return x.contiguous()?.apply_op2_no_bwd(w, &Bf16Matmul);
+    }
+    let skinny = cpu
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && SKINNY_ROWS.contains(&x.dim(0)?);
+    if skinny {
+        x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul)
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
+/// `x (m, k) · w (n, k)ᵀ → (m, n)`, both bf16, CPU: our bf16 kernel, f32 sums, bf16 result.
+pub(crate) struct Bf16Matmul;
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("bf16-matmul: inner dims differ ({k} vs {k2})");
+        }
+        let x = contiguous::<half::bf16>(s1, l1)?;
+        let w = contiguous::<half::bf16>(s2, l2)?;
+        let out = bf16_matmul_nt(Bf16Dot::detect(), x, m, k, w, n);
+        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
+        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }
 
@@ -66,8 +205,8 @@ impl CustomOp2 for SkinnyMatmul {
         if k != k2 {
             candle_core::bail!("skinny-matmul: inner dims differ ({k} vs {k2})");
         }
-        let x = contiguous_f32(s1, l1)?;
-        let w = contiguous_f32(s2, l2)?;
+        let x = contiguous::<f32>(s1, l1)?;
+        let w = contiguous::<f32>(s2, l2)?;
         Ok((
             CpuStorage::F32(matmul_nt(detect_isa(), x, m, k, w, n)),
             Shape::from((m, n)),
@@ -75,10 +214,13 @@ impl CustomOp2 for SkinnyMatmul {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
-        None => candle_core::bail!("skinny-matmul needs contiguous operands"),
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("matmul kernels need contiguous operands"),
     }
 }
 
@@ -100,6 +242,63 @@ mod tests {
                 .max_all()?
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-4, "rows={rows}: max diff {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_weights_compute_with_their_dequantized_values() -> candle_core::Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = candle_core::Device::Cpu;
+        for (dtype, k) in [
+            (GgmlDType::Q4_0, 64),
+            (GgmlDType::Q4_0, 256),
+            (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q4K, 256),
+            (GgmlDType::Q6K, 512),
+        ] {
+            let w = Tensor::randn(0f32, 0.3, (40, k), &dev)?;
+            let q = Arc::new(QTensor::quantize(&w, dtype)?);
+            let dense = q.dequantize(&dev)?;
+            let layer = Linear::with_weight(Weight::Ggml(Arc::clone(&q)), None);
+            let x = Tensor::randn(0f32, 1.0, (3, k), &dev)?;
+            let want = x.matmul(&dense.t()?)?;
+            let got = layer.forward(&x)?;
+            let err = ((got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+                / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+            .sqrt();
+            // The activations are quantized to 8 bits inside the matmul: about 1% noise.
+            assert!(err < 0.02, "{dtype:?} k={k}: matmul rel err {err}");
+            let rows = layer.weight().rows(&[3, 0, 39], DType::F32, &dev)?;
+            let want_rows = dense.index_select(&Tensor::new(&[3u32, 0, 39], &dev)?, 0)?;
+            let diff = (rows - want_rows)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-6,
+                "{dtype:?} k={k}: embedding rows differ by {diff}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn q8_0_weights_compute_with_their_dequantized_values() -> candle_core::Result<()> {
+        use crate::kernels::cpu::q8_0::quantize_matrix;
+        let dev = candle_core::Device::Cpu;
+        let (n, k) = (48, 512);
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let layer = Linear::with_weight(Weight::Q8(Arc::new(quantize_matrix(&values, n, k))), None);
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let dense = layer.weight().rows(&ids, DType::F32, &dev)?;
+        // Decode tiles (1 row), 4 x 4 tiles with leftovers, and more rows than one L2 pass.
+        for rows in [1, 5, 32, 33, 70] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+            let want = x.matmul(&dense.t()?)?;
+            let got = layer.forward(&x)?;
+            let err = ((got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
+                / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
+            .sqrt();
+            assert!(err < 0.02, "rows={rows}: rel err {err}");
         }
         Ok(())
     }

@@ -16,9 +16,11 @@ use super::attention::Attention;
 use super::batch::ModelBatch;
 use super::config::MptConfig;
 use super::demo;
-use super::linear::Linear;
+use super::gguf::{GgufFile, GgufTensor, gguf_name};
+use super::linear::{Linear, Weight};
+use super::quantize::{WeightPlan, refuse_requantizing};
 use super::weights::{DummyWeights, WeightFiles};
-use crate::api::config::ModelSource;
+use crate::api::config::{ModelSource, Quantization};
 use crate::api::error::{EngineError, Result};
 use crate::api::types::LoadProgress;
 use crate::kernels::cpu::gelu::gelu_erf;
@@ -55,9 +57,12 @@ struct Block {
 #[derive(Debug)]
 pub struct Mpt {
     config: MptConfig,
-    wte: Tensor,
-    /// `wte` again, as the tied output projection.
+    /// The token embedding; without a separate output matrix also the logits projection.
+    wte: Linear,
+    /// The output projection: `wte` (tied, as MPT ships) or a GGUF file's `output.weight`.
     lm_head: Linear,
+    /// Whether `lm_head` is `wte` itself.
+    tied: bool,
     blocks: Vec<Block>,
     norm_f: Norm,
     attention: Attention,
@@ -66,9 +71,10 @@ pub struct Mpt {
     dtype: DType,
 }
 
-/// Where weights come from: checkpoint files, or random values of the same shapes.
+/// Where weights come from: checkpoint files, a GGUF file, or random values of the same shapes.
 enum WeightSource<'a> {
     Files(&'a WeightFiles),
+    Gguf(&'a GgufFile),
     Dummy(DummyWeights),
 }
 
@@ -78,25 +84,71 @@ struct TensorReader<'a> {
     config: &'a MptConfig,
     device: &'a Device,
     dtype: DType,
+    plan: WeightPlan,
     report: &'a dyn Fn(LoadProgress),
     loaded: Cell<usize>,
 }
 
 impl TensorReader<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (t, total) = match &self.weights {
-            WeightSource::Files(files) => (
-                files.get(name, shape, self.dtype, self.device)?,
-                files.len(),
-            ),
-            WeightSource::Dummy(dummy) => (dummy.get(name, shape, self.dtype, self.device)?, 0),
+    fn progress(&self) {
+        let total = match &self.weights {
+            WeightSource::Files(files) => files.len(),
+            WeightSource::Gguf(file) => file.len(),
+            WeightSource::Dummy(_) => 0,
         };
         self.loaded.set(self.loaded.get() + 1);
         (self.report)(LoadProgress {
             tensors_loaded: self.loaded.get(),
             tensors_total: total.max(self.loaded.get()),
         });
+    }
+
+    /// A tensor as stored, on the CPU, in `dtype` (files) or as the file has it (GGUF).
+    fn raw(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match &self.weights {
+            WeightSource::Files(files) => files.get(name, shape, dtype, device),
+            WeightSource::Dummy(dummy) => dummy.get(name, shape, dtype, device),
+            WeightSource::Gguf(file) => {
+                let gguf = gguf_name(name).ok_or_else(|| EngineError::MissingTensor {
+                    tensor: name.to_string(),
+                    file: file.path().to_path_buf(),
+                })?;
+                match file.tensor(&gguf, shape)? {
+                    GgufTensor::Float(t) => Ok(t.to_dtype(dtype)?.to_device(device)?),
+                    GgufTensor::Quantized(q, _) => Err(EngineError::WeightFile {
+                        file: file.path().to_path_buf(),
+                        message: format!(
+                            "tensor `{gguf}` is {q:?}; a vector must be F32, F16 or BF16"
+                        ),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.raw(name, shape, self.dtype, self.device)?;
+        self.plan.count_tensor(&t);
+        self.progress();
         Ok(t)
+    }
+
+    /// A weight matrix, quantized as the plan says (or as a GGUF file stores it).
+    fn matrix(&self, name: &str, rows: usize, k: usize) -> Result<Weight> {
+        let weight = if let WeightSource::Gguf(file) = &self.weights
+            && let Some(gguf) = gguf_name(name)
+            && let GgufTensor::Quantized(dtype, bytes) = file.tensor(&gguf, &[rows, k])?
+        {
+            self.plan.stored(dtype, bytes, rows, k)?
+        } else if self.plan.quantizes(k) {
+            let t = self.raw(name, &[rows, k], DType::F32, &Device::Cpu)?;
+            self.plan.matrix(name, t)?
+        } else {
+            let t = self.raw(name, &[rows, k], self.dtype, self.device)?;
+            self.plan.matrix(name, t)?
+        };
+        self.progress();
+        Ok(weight)
     }
 
     fn bias(&self, name: &str, width: usize) -> Result<Option<Tensor>> {
@@ -107,9 +159,9 @@ impl TensorReader<'_> {
     }
 
     fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = self.matrix(&format!("{prefix}.weight"), out_dim, in_dim)?;
         let bias = self.bias(&format!("{prefix}.bias"), out_dim)?;
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::with_weight(weight, bias))
     }
 
     fn norm(&self, prefix: &str) -> Result<Norm> {
@@ -127,6 +179,13 @@ impl TensorReader<'_> {
     }
 }
 
+/// How to load: the run dtype is given separately; this says what else to do with the weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Quantize the linear layers and the embedding to this format while reading them.
+    pub quantization: Option<Quantization>,
+}
+
 impl Mpt {
     /// Loads the model from a checkpoint directory or the bundled demo model.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
@@ -140,14 +199,68 @@ impl Mpt {
         dtype: DType,
         report: &dyn Fn(LoadProgress),
     ) -> Result<Self> {
-        let (config, weights) = match source {
-            ModelSource::Dir(dir) => (MptConfig::from_dir(dir)?, WeightFiles::open(dir)?),
-            ModelSource::Demo => (
-                MptConfig::from_json(demo::CONFIG_JSON)?,
-                WeightFiles::embedded(demo::WEIGHTS, "<bundled demo model>")?,
-            ),
-        };
-        Self::build(config, WeightSource::Files(&weights), report, device, dtype)
+        Self::load_with(source, device, dtype, LoadOptions::default(), report)
+    }
+
+    /// [`Mpt::load_reporting`] with [`LoadOptions`] (in-situ quantization).
+    pub fn load_with(
+        source: &ModelSource,
+        device: &Device,
+        dtype: DType,
+        options: LoadOptions,
+        report: &dyn Fn(LoadProgress),
+    ) -> Result<Self> {
+        let plan = WeightPlan::new(options.quantization, device, dtype);
+        match source {
+            ModelSource::Dir(dir) => {
+                let weights = WeightFiles::open(dir)?;
+                let config = MptConfig::from_dir(dir)?;
+                Self::build(
+                    config,
+                    WeightSource::Files(&weights),
+                    plan,
+                    report,
+                    device,
+                    dtype,
+                )
+            }
+            ModelSource::Demo => {
+                let weights = WeightFiles::embedded(demo::WEIGHTS, "<bundled demo model>")?;
+                let config = MptConfig::from_json(demo::CONFIG_JSON)?;
+                Self::build(
+                    config,
+                    WeightSource::Files(&weights),
+                    plan,
+                    report,
+                    device,
+                    dtype,
+                )
+            }
+            ModelSource::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                Self::from_gguf(&file, device, dtype, options, report)
+            }
+        }
+    }
+
+    /// Builds the model from an opened GGUF file (refusing `--quantization` on quantized files).
+    pub fn from_gguf(
+        file: &GgufFile,
+        device: &Device,
+        dtype: DType,
+        options: LoadOptions,
+        report: &dyn Fn(LoadProgress),
+    ) -> Result<Self> {
+        let plan = WeightPlan::new(options.quantization, device, dtype);
+        refuse_requantizing(plan.quantization(), file.path(), file.first_quantized())?;
+        Self::build(
+            file.config()?,
+            WeightSource::Gguf(file),
+            plan,
+            report,
+            device,
+            dtype,
+        )
     }
 
     /// Builds the model from opened weight files, checking every tensor's shape.
@@ -157,34 +270,61 @@ impl Mpt {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        Self::build(config, WeightSource::Files(weights), &|_| {}, device, dtype)
+        let plan = WeightPlan::new(None, device, dtype);
+        Self::build(
+            config,
+            WeightSource::Files(weights),
+            plan,
+            &|_| {},
+            device,
+            dtype,
+        )
     }
 
     /// A model of `config`'s shapes with random weights drawn from `seed` (`--load-format
-    /// dummy`): for measuring speed and memory without the checkpoint. Generated on `device`.
+    /// dummy`): for measuring speed and memory without the checkpoint. Generated on `device`
+    /// (on the CPU, one tensor at a time, when quantizing).
     pub fn dummy(config: MptConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        Self::dummy_with(config, device, dtype, seed, LoadOptions::default())
+    }
+
+    /// [`Mpt::dummy`] with [`LoadOptions`] (in-situ quantization of the random weights).
+    pub fn dummy_with(
+        config: MptConfig,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+        options: LoadOptions,
+    ) -> Result<Self> {
         let source = WeightSource::Dummy(DummyWeights::new(seed));
-        Self::build(config, source, &|_| {}, device, dtype)
+        let plan = WeightPlan::new(options.quantization, device, dtype);
+        Self::build(config, source, plan, &|_| {}, device, dtype)
     }
 
     fn build(
         config: MptConfig,
         weights: WeightSource<'_>,
+        plan: WeightPlan,
         report: &dyn Fn(LoadProgress),
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
         config.validate()?;
         let (d, ffn) = (config.d_model, config.ffn_hidden_size());
+        let separate_output = matches!(&weights, WeightSource::Gguf(f) if f.has("output.weight"));
         let reader = TensorReader {
             weights,
             config: &config,
             device,
             dtype,
+            plan,
             report,
             loaded: Cell::new(0),
         };
-        let wte = reader.tensor("transformer.wte.weight", &[config.vocab_size, d])?;
+        let wte = Linear::with_weight(
+            reader.matrix("transformer.wte.weight", config.vocab_size, d)?,
+            None,
+        );
         let mut blocks = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let p = format!("transformer.blocks.{i}");
@@ -209,6 +349,19 @@ impl Mpt {
             });
         }
         let norm_f = reader.norm("transformer.norm_f")?;
+        let lm_head = match &reader.weights {
+            WeightSource::Gguf(file) if separate_output => {
+                let weight = match file.tensor("output.weight", &[config.vocab_size, d])? {
+                    GgufTensor::Quantized(q, bytes) => {
+                        reader.plan.stored(q, bytes, config.vocab_size, d)?
+                    }
+                    GgufTensor::Float(t) => reader.plan.matrix("output.weight", t)?,
+                };
+                Linear::with_weight(weight, None)
+            }
+            _ => wte.clone(),
+        };
+        reader.plan.log();
         Ok(Self {
             attention: Attention::new(
                 alibi_slopes(config.n_heads, config.attn_config.alibi_bias_max),
@@ -216,13 +369,37 @@ impl Mpt {
             ),
             logit_scale: config.logit_scale_value()?,
             config,
-            lm_head: Linear::new(wte.clone(), None),
+            lm_head,
+            tied: !separate_output,
             wte,
             blocks,
             norm_f,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Bytes of weights per storage kind (`f32`, `bf16`, `q8_0`, `q4k`, ...).
+    pub fn weight_bytes(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut add = |w: &Weight| {
+            let kind = match w {
+                Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+                Weight::Q8(_) => "q8_0".into(),
+                Weight::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
+            };
+            *out.entry(kind).or_insert(0) += w.bytes() as u64;
+        };
+        add(self.wte.weight());
+        if !self.tied {
+            add(self.lm_head.weight());
+        }
+        for b in &self.blocks {
+            for l in [&b.wqkv, &b.out_proj, &b.up_proj, &b.down_proj] {
+                add(l.weight());
+            }
+        }
+        out
     }
 
     /// The checkpoint's configuration.
@@ -264,7 +441,7 @@ impl Mpt {
         let n = ids.len();
         // Index and bias tensors (or token slots on the CPU), made once for all layers.
         let plan = self.attention.plan(batch, cache, &self.device)?;
-        let mut x = self.wte.index_select(&Tensor::new(ids, &self.device)?, 0)?; // (n, d)
+        let mut x = self.wte.weight().rows(&ids, self.dtype, &self.device)?; // (n, d)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.norm_1.forward(&x)?;
             let mut qkv = block.wqkv.forward(&h)?; // (n, 3d)

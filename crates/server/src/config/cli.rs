@@ -17,11 +17,11 @@ use clap::Parser;
     about = "OpenAI-compatible HTTP server for MosaicML MPT models"
 )]
 pub struct Cli {
-    /// Model directory (config.json, tokenizer.json, weights). Without it the bundled demo model is served.
+    /// Model directory (config.json, tokenizer.json, weights) or an MPT .gguf file. Without it the bundled demo model is served.
     #[arg(
         long,
         env = "MPT_SERVER_MODEL",
-        value_name = "DIR",
+        value_name = "PATH",
         hide_env_values = true
     )]
     pub model: Option<PathBuf>,
@@ -99,6 +99,22 @@ pub struct Cli {
     /// Weight/activation dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16 [default: auto].
     #[arg(long, env = "MPT_SERVER_DTYPE", hide_env_values = true)]
     pub dtype: Option<String>,
+    /// Quantize the linear layers and the embedding while loading: q8_0, q4_k, q6_k or q4_0 (ggml's formats; matrices whose inner dimension is not a whole number of blocks stay at --dtype) [default: none].
+    #[arg(
+        long,
+        env = "MPT_SERVER_QUANTIZATION",
+        value_name = "FORMAT",
+        hide_env_values = true
+    )]
+    pub quantization: Option<String>,
+    /// tokenizer.json to use instead of the model's (for a .gguf model: the tokenizer.json beside the file, else the one rebuilt from the file's metadata).
+    #[arg(
+        long,
+        env = "MPT_SERVER_TOKENIZER",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub tokenizer: Option<PathBuf>,
     /// Compute device: cpu or cuda:N [default: cpu].
     #[arg(long, env = "MPT_SERVER_DEVICE", hide_env_values = true)]
     pub device: Option<String>,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use mpt_engine::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
-    LoadFormat, ModelSource,
+    LoadFormat, ModelSource, Quantization,
 };
 use serde::Deserialize;
 
@@ -84,6 +84,10 @@ pub struct FileConfig {
     pub kv_cache_dtype: Option<String>,
     /// See `--dtype`.
     pub dtype: Option<String>,
+    /// See `--quantization`.
+    pub quantization: Option<String>,
+    /// See `--tokenizer`.
+    pub tokenizer: Option<PathBuf>,
     /// See `--device`.
     pub device: Option<String>,
     /// See `--gpu-memory-utilization`.
@@ -152,6 +156,10 @@ pub struct ServerConfig {
     pub kv_cache_dtype: KvCacheDtype,
     /// Dtype.
     pub dtype: DTypeSpec,
+    /// In-situ weight quantization.
+    pub quantization: Option<Quantization>,
+    /// A tokenizer.json overriding the model's.
+    pub tokenizer: Option<PathBuf>,
     /// Device.
     pub device: DeviceSpec,
     /// Fraction of the GPU's memory to use (sizes an automatic KV cache on a GPU).
@@ -218,6 +226,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("kv_cache", &self.kv_cache)
             .field("kv_cache_dtype", &self.kv_cache_dtype)
             .field("dtype", &self.dtype)
+            .field("quantization", &self.quantization)
+            .field("tokenizer", &self.tokenizer)
             .field("device", &self.device)
             .field("gpu_memory_utilization", &self.gpu_memory_utilization)
             .field("load_format", &self.load_format)
@@ -302,6 +312,12 @@ fn parse_dtype(text: &str) -> Result<DTypeSpec, String> {
             "unknown dtype {other:?} (expected auto, f32, f16 or bf16)"
         )),
     }
+}
+
+/// Whether `--model` names a GGUF file rather than a model directory.
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn parse_kv_cache_dtype(text: &str) -> Result<KvCacheDtype, String> {
@@ -393,10 +409,15 @@ impl ServerConfig {
             .served_model_name
             .or(file.served_model_name)
             .or_else(|| {
-                model
-                    .as_deref()
-                    .and_then(|dir| dir.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
+                model.as_deref().and_then(|path| {
+                    // A GGUF file is named by its stem, a directory by its name.
+                    let name = if is_gguf(path) {
+                        path.file_stem()
+                    } else {
+                        path.file_name()
+                    };
+                    name.map(|n| n.to_string_lossy().into_owned())
+                })
             })
             .unwrap_or_else(|| DEMO_MODEL_NAME.to_string());
         if served_model_name.trim().is_empty() {
@@ -428,6 +449,11 @@ impl ServerConfig {
             Some(t) => parse_dtype(&t).map_err(invalid("--dtype"))?,
             None => DTypeSpec::Auto,
         };
+        let quantization = match cli.quantization.or(file.quantization) {
+            Some(t) => Some(Quantization::parse(&t).map_err(invalid("--quantization"))?),
+            None => None,
+        };
+        let tokenizer = cli.tokenizer.or(file.tokenizer);
         let kv_cache_dtype = match cli.kv_cache_dtype.or(file.kv_cache_dtype) {
             Some(t) => parse_kv_cache_dtype(&t).map_err(invalid("--kv-cache-dtype"))?,
             None => defaults.kv_cache_dtype,
@@ -502,6 +528,8 @@ impl ServerConfig {
             kv_cache,
             kv_cache_dtype,
             dtype,
+            quantization,
+            tokenizer,
             device,
             gpu_memory_utilization,
             load_format,
@@ -529,11 +557,14 @@ impl ServerConfig {
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             model: match &self.model {
+                Some(path) if is_gguf(path) => ModelSource::Gguf(path.clone()),
                 Some(dir) => ModelSource::Dir(dir.clone()),
                 None => ModelSource::Demo,
             },
             device: self.device,
             dtype: self.dtype,
+            quantization: self.quantization,
+            tokenizer: self.tokenizer.clone(),
             max_model_len: self.max_model_len,
             block_size: self.block_size,
             kv_cache: self.kv_cache,

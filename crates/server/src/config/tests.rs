@@ -145,6 +145,26 @@ fn help_names_every_env_var_without_a_value() {
 }
 
 #[test]
+fn quantization_parses_and_an_unknown_name_lists_the_valid_ones() {
+    let cli = Cli::try_parse_from(["x", "--quantization", "Q8_0"]).expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.quantization, Some(Quantization::Q8_0));
+    assert_eq!(c.engine_config().quantization, Some(Quantization::Q8_0));
+    let file = parse_file("quantization = \"q4_k\"\n").expect("valid");
+    let c = ServerConfig::resolve(Cli::default(), file).expect("valid");
+    assert_eq!(c.quantization, Some(Quantization::Q4K));
+    assert_eq!(ServerConfig::default().quantization, None);
+    let cli = Cli::try_parse_from(["x", "--quantization", "int8"]).expect("parses as text");
+    let err = ServerConfig::resolve(cli, FileConfig::default())
+        .expect_err("unknown format")
+        .to_string();
+    assert!(
+        err.contains("--quantization") && err.contains("q8_0, q4_k, q6_k, q4_0"),
+        "{err}"
+    );
+}
+
+#[test]
 fn allow_unknown_fields_from_the_flag_or_the_file() {
     assert!(!ServerConfig::default().allow_unknown_fields);
     let cli = Cli::try_parse_from(["x", "--allow-unknown-fields"]).expect("bare flag");
@@ -160,6 +180,26 @@ fn allow_unknown_fields_from_the_flag_or_the_file() {
             .expect("valid")
             .allow_unknown_fields
     );
+}
+
+#[test]
+fn a_gguf_file_is_served_by_its_stem_with_an_optional_tokenizer() {
+    let cli = Cli::try_parse_from([
+        "x",
+        "--model",
+        "/models/mpt-7b.Q8_0.gguf",
+        "--tokenizer",
+        "/models/tok.json",
+    ])
+    .expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.served_model_name, "mpt-7b.Q8_0");
+    let e = c.engine_config();
+    assert_eq!(
+        e.model,
+        ModelSource::Gguf(PathBuf::from("/models/mpt-7b.Q8_0.gguf"))
+    );
+    assert_eq!(e.tokenizer, Some(PathBuf::from("/models/tok.json")));
 }
 
 #[test]

@@ -1,17 +1,26 @@
 //! CPU kernels: run-time instruction-set detection ([`isa`]), the register-tiled f32 matmul
-//! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]), the exact-erf GELU ([`gelu`]), and
-//! flash-style attention tiles ([`attention_tile`]) over f32/f16/bf16 KV pools ([`kv_elem`]) with
-//! their SIMD vectors ([`vector`]). Code that uses SIMD intrinsics lives here and nowhere else.
+//! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]), the exact-erf GELU ([`gelu`]),
+//! flash-style attention tiles ([`attention_tile`]) over f32/f16/bf16 KV pools ([`kv_elem`])
+//! with their SIMD vectors ([`vector`]), ggml's block formats ([`quant_formats`], [`k_quants`],
+//! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and the bf16 matmul ([`bf16`]). Code that
+//! uses SIMD intrinsics lives here and nowhere else.
 
 #[allow(unsafe_code)]
 pub(crate) mod attention_tile;
+#[allow(unsafe_code)]
+pub(crate) mod bf16;
 pub(crate) mod fast_math;
 pub(crate) mod gelu;
+pub(crate) mod ggml_scalars;
 #[allow(unsafe_code)]
 pub(crate) mod isa;
+pub(crate) mod k_quants;
 #[allow(unsafe_code)]
 pub(crate) mod kv_elem;
 #[allow(unsafe_code)]
 pub(crate) mod matmul;
+#[allow(unsafe_code)]
+pub(crate) mod q8_0;
+pub(crate) mod quant_formats;
 #[allow(unsafe_code)]
 pub(crate) mod vector;

@@ -1,0 +1,268 @@
+//! The bf16 matmul: `x (m, k) · w (n, k)ᵀ → (m, n)` in f32, both operands bf16 and
+//! k-contiguous. With AVX512-BF16 each `vdpbf16ps` multiplies 32 bf16 pairs and adds them into
+//! 16 f32 lanes; elsewhere bf16 is widened to f32 in registers (a 16-bit shift) and multiplied
+//! with ordinary FMAs. Nothing is converted ahead of the call: the weights are read as stored.
+//!
+//! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode, 4 × 4 otherwise;
+//! weight rows split over rayon threads. Invariant: the AVX512-BF16 path runs only when
+//! [`Bf16Dot::detect`] found the instructions.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::isa::{Isa, detect_isa, with_isa};
+
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// Which bf16 dot-product code runs; only [`Bf16Dot::detect`] makes the SIMD one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bf16Dot {
+    /// AVX-512 with the BF16 extension (`vdpbf16ps`).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
+    /// Widen to f32 and FMA, compiled for the best f32 instruction set found.
+    Widen(Isa),
+}
+
+impl Bf16Dot {
+    /// The best code path this CPU supports.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+        {
+            return Self::Avx512Bf16;
+        }
+        Self::Widen(detect_isa())
+    }
+
+    /// Every path this CPU supports (tests compare them).
+    #[cfg(test)]
+    pub(crate) fn all_supported() -> Vec<Self> {
+        let mut all: Vec<Self> = Isa::all_supported().into_iter().map(Self::Widen).collect();
+        #[cfg(target_arch = "x86_64")]
+        if Self::detect() == Self::Avx512Bf16 {
+            all.push(Self::Avx512Bf16);
+        }
+        all
+    }
+}
+
+/// `(m, k) · (n, k)ᵀ`, returned row-major `(m, n)` in f32.
+pub(crate) fn bf16_matmul_nt(
+    dot: Bf16Dot,
+    x: &[bf16],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+) -> Vec<f32> {
+    assert!(
+        x.len() == m * k && w.len() == n * k,
+        "bf16_matmul_nt: shapes"
+    );
+    let mut out_t = vec![0f32; n * m];
+    if k > 0 {
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .zip(w.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(out, rows)| match dot {
+                // SAFETY: an `Avx512Bf16` exists only once AVX-512 F/BW/BF16 were detected.
+                #[cfg(target_arch = "x86_64")]
+                Bf16Dot::Avx512Bf16 => unsafe { x86::rows(rows, x, m, k, out) },
+                Bf16Dot::Widen(isa) => with_isa(isa, || widen_rows(rows, x, m, k, out)),
+            });
+    }
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, row) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// bf16 → f32 is a 16-bit shift: the compiler turns the loop into vector shifts and FMAs.
+#[inline(always)]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits(u32::from(v.to_bits()) << 16)
+}
+
+/// `out[r * m + c] = w_r · x_c`, widening in registers.
+#[inline(always)]
+fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: &mut [f32]) {
+    const LANES: usize = 16;
+    for (r, wr) in w.chunks_exact(k).enumerate() {
+        for c in 0..m {
+            let xr = &x[c * k..][..k];
+            let mut acc = [0f32; LANES];
+            let (cw, cx) = (wr.chunks_exact(LANES), xr.chunks_exact(LANES));
+            let tail: f32 = cw
+                .remainder()
+                .iter()
+                .zip(cx.remainder())
+                .map(|(&a, &b)| widen(a) * widen(b))
+                .sum();
+            for (a, b) in cw.zip(cx) {
+                for l in 0..LANES {
+                    acc[l] += widen(a[l]) * widen(b[l]);
+                }
+            }
+            out[r * m + c] = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use super::widen;
+
+    /// bf16 values per 512-bit register.
+    const WIDTH: usize = 32;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: &mut [f32]) {
+        let rows = w.len() / k;
+        assert!(x.len() >= m * k && out.len() >= rows * m);
+        let mut r = 0;
+        // SAFETY (all calls): features enabled here; the assert bounds every row.
+        unsafe {
+            if m == 1 {
+                while r + 8 <= rows {
+                    tile::<8, 1>(w, r, x, 0, m, k, out);
+                    r += 8;
+                }
+            }
+            while r + 4 <= rows {
+                cols::<4>(w, r, x, m, k, out);
+                r += 4;
+            }
+            while r < rows {
+                cols::<1>(w, r, x, m, k, out);
+                r += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn cols<const RA: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[bf16],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let mut c = 0;
+        // SAFETY: forwarded from `rows`.
+        unsafe {
+            while c + 4 <= m {
+                tile::<RA, 4>(w, r0, x, c, m, k, out);
+                c += 4;
+            }
+            while c < m {
+                tile::<RA, 1>(w, r0, x, c, m, k, out);
+                c += 1;
+            }
+        }
+    }
+
+    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<const RA: usize, const RB: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[bf16],
+        c0: usize,
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= k`, inside rows r0 + r and
+        // c0 + c, which the callers keep inside `w` and `x`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); RB]; RA];
+            let mut i = 0;
+            while i + WIDTH <= k {
+                let mut wv = [_mm512_setzero_si512(); RA];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(wp.add((r0 + r) * k + i).cast());
+                }
+                for c in 0..RB {
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(xp.add((c0 + c) * k + i).cast()));
+                    for (r, &v) in wv.iter().enumerate() {
+                        acc[r][c] = _mm512_dpbf16_ps(
+                            acc[r][c],
+                            std::mem::transmute::<__m512i, __m512bh>(v),
+                            xv,
+                        );
+                    }
+                }
+                i += WIDTH;
+            }
+            for r in 0..RA {
+                for c in 0..RB {
+                    let tail: f32 = (i..k)
+                        .map(|j| widen(w[(r0 + r) * k + j]) * widen(x[(c0 + c) * k + j]))
+                        .sum();
+                    out[(r0 + r) * m + c0 + c] = _mm512_reduce_add_ps(acc[r][c]) + tail;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: usize) -> Vec<bf16> {
+        (0..n)
+            .map(|i| bf16::from_f32((((i + seed) * 7919 % 211) as f32 - 105.0) / 105.0))
+            .collect()
+    }
+
+    #[test]
+    fn every_path_matches_an_f64_product_of_the_bf16_values() {
+        for (m, k, n) in [
+            (1, 64, 9),
+            (1, 100, 40),
+            (3, 96, 33),
+            (4, 32, 8),
+            (5, 130, 7),
+            (17, 64, 37),
+            (2, 0, 3),
+        ] {
+            let x = pseudo(m * k, 1);
+            let w = pseudo(n * k, 2);
+            for dot in Bf16Dot::all_supported() {
+                let got = bf16_matmul_nt(dot, &x, m, k, &w, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| x[i * k + l].to_f64() * w[j * k + l].to_f64())
+                            .sum();
+                        let g = got[i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{dot:?} m={m} k={k} n={n} ({i},{j}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Tests of the Q8_0 kernel against exact sums and ggml's layout.
+
+use super::super::quant_formats::GgmlFormat;
+use super::*;
+
+fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// The exact result the kernel must reproduce: both operands dequantized, summed in f64.
+fn reference(w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let mut wd = vec![0f32; n * k];
+    GgmlFormat::Q8_0.dequantize_row(w, &mut wd);
+    let mut xq = vec![0u8; m * k / QK * 34];
+    GgmlFormat::Q8_0.quantize_row(x, &mut xq);
+    let mut xd = vec![0f32; m * k];
+    GgmlFormat::Q8_0.dequantize_row(&xq, &mut xd);
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k)
+                .map(|l| xd[i * k + l] as f64 * wd[j * k + l] as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn every_path_matches_the_dequantized_product() {
+    // k with and without whole super-blocks; m around the tile widths; n around the task
+    // and tile row counts.
+    for (m, k, n) in [
+        (1, 256, 8),
+        (1, 512, 37),
+        (2, 288, 5),
+        (4, 768, 20),
+        (5, 96, 9),
+        (7, 544, 33),
+        (1, 32, 3),
+    ] {
+        let wf = pseudo(n * k, 1 + k as u64);
+        let mut w = vec![0u8; n * k / QK * 34];
+        GgmlFormat::Q8_0.quantize_row(&wf, &mut w);
+        let x = pseudo(m * k, 7 + m as u64);
+        // Activation scales are f32 here but f16 in ggml's Q8_0 blocks: compare with a
+        // tolerance of a few f16 steps of the result.
+        let want = reference(&w, n, k, &x, m);
+        let matrix = Q8Matrix::from_ggml(&w, n, k);
+        for dot in Int8Dot::all_supported() {
+            let got = matrix.matmul(dot, &x, m);
+            for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 2e-3 * (1.0 + b.abs()),
+                    "{dot:?} m={m} k={k} n={n} at {idx}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn paths_agree_exactly_on_integer_sums() {
+    let (m, k, n) = (3, 512, 11);
+    let wf = pseudo(n * k, 3);
+    let matrix = quantize_matrix(&wf, n, k);
+    let x = pseudo(m * k, 4);
+    let all: Vec<Vec<f32>> = Int8Dot::all_supported()
+        .into_iter()
+        .map(|d| matrix.matmul(d, &x, m))
+        .collect();
+    for other in &all[1..] {
+        for (a, b) in all[0].iter().zip(other) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn repacking_keeps_every_value_and_scale() {
+    for k in [256, 288, 64] {
+        let n = 3;
+        let wf = pseudo(n * k, k as u64);
+        let mut w = vec![0u8; n * k / QK * 34];
+        GgmlFormat::Q8_0.quantize_row(&wf, &mut w);
+        let matrix = Q8Matrix::from_ggml(&w, n, k);
+        assert_eq!(matrix.bytes(), w.len());
+        let mut want = vec![0f32; n * k];
+        GgmlFormat::Q8_0.dequantize_row(&w, &mut want);
+        for r in 0..n {
+            let mut got = vec![0f32; k];
+            matrix.dequantize_row(r, &mut got);
+            assert_eq!(got, want[r * k..(r + 1) * k], "k={k} row {r}");
+            assert_eq!(
+                matrix.scales[r * k / QK].to_f32(),
+                ggml_scale(&w[r * k / QK * 34..], 0)
+            );
+        }
+    }
+}
