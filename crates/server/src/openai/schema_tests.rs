@@ -44,11 +44,7 @@ fn bounds(schema: &Value) -> Vec<(String, Value, Value)> {
             .is_some_and(|t| t.contains(&json!("integer")));
         let step = if integer { 1.0 } else { 0.5 };
         let value = |x: f64| {
-            if integer {
-                json!(x as i64)
-            } else {
-                json!(x)
-            }
+            if integer { json!(x as i64) } else { json!(x) }
         };
         if let Some(lo) = property["minimum"].as_f64() {
             out.push((field.clone(), value(lo), value(lo - step)));

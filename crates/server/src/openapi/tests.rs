@@ -122,7 +122,11 @@ async fn the_bearer_scheme_and_401s_follow_the_api_key() {
     for (path, method) in operations(&keyed) {
         let operation = &keyed["paths"][&path][method.to_lowercase()];
         let secured = operation.get("security").is_some();
-        assert_eq!(secured, operation["responses"].get("401").is_some(), "{path}");
+        assert_eq!(
+            secured,
+            operation["responses"].get("401").is_some(),
+            "{path}"
+        );
         let unsecured = &open["paths"][&path][method.to_lowercase()];
         assert!(unsecured.get("security").is_none() && unsecured["responses"].get("401").is_none());
         // Exactly the routes that refuse a request without the key are documented as secured.
@@ -153,7 +157,10 @@ async fn request_bodies_are_closed_unless_unknown_fields_are_allowed() {
     }
     // The OpenAI fields accepted without being implemented are listed, with what is accepted.
     let chat = &strict["components"]["schemas"]["ChatCompletionRequest"]["properties"];
-    assert_eq!(chat["modalities"]["enum"], serde_json::json!([null, ["text"]]));
+    assert_eq!(
+        chat["modalities"]["enum"],
+        serde_json::json!([null, ["text"]])
+    );
     assert!(chat["store"].get("enum").is_none());
     let relaxed = document(&state(None, true)).await;
     for body in request_body_schemas(&relaxed) {
@@ -195,12 +202,23 @@ async fn the_document_is_openapi_3_1_with_valid_schemas() {
     }
     for (path, method) in operations(&doc) {
         let operation = &doc["paths"][&path][method.to_lowercase()];
-        assert!(operation["responses"].get("500").is_some(), "{path}: a panic is a 500");
+        assert!(
+            operation["responses"].get("500").is_some(),
+            "{path}: a panic is a 500"
+        );
         assert!(operation["operationId"].is_string(), "{path}");
         for (status, response) in operation["responses"].as_object().expect("responses") {
             assert!(response["description"].is_string(), "{path} {status}");
-            for media_type in response["content"].as_object().into_iter().flatten().map(|c| c.0) {
-                assert!(media_type.split_once('/').is_some(), "{path} {status} {media_type}");
+            for media_type in response["content"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|c| c.0)
+            {
+                assert!(
+                    media_type.split_once('/').is_some(),
+                    "{path} {status} {media_type}"
+                );
             }
             if status != "200" {
                 let schema = &response["content"]["application/json"]["schema"]["$ref"];
