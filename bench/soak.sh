@@ -36,7 +36,10 @@ while [[ $# -gt 0 ]]; do
 done
 
 cd "$ROOT"
-cargo build --release -p mpt-server -p mpt-bench
+# One package per command: built together, cargo would unify their dependencies' features and
+# rebuild the server binary CI has just built.
+cargo build --release -p mpt-server
+cargo build --release -p mpt-bench
 LOG=$(mktemp -t mpt-soak-server.XXXXXX.log)
 MPT_SERVER_THREADS=$THREADS ./target/release/mpt-server --host 127.0.0.1 --port "$PORT" \
     --max-num-seqs 16 --max-queue-size 64 >"$LOG" 2>&1 &
