@@ -313,6 +313,53 @@ async fn bad_and_hostile_grammars_are_400s_naming_the_field() {
     server.shutdown().await.expect("clean shutdown");
 }
 
+/// A grammar that compiles but that the grammar engine cannot follow past its first token
+/// (3000 alternatives in one row; its limit is 2000) fails the request as the client's error:
+/// a 400, or an `invalid_request_error` event then `[DONE]` in a stream, never a 500.
+#[tokio::test]
+async fn a_grammar_beyond_the_engines_limits_mid_generation_is_the_clients_error() {
+    let server = start(|_| {}).await;
+    let alternatives: Vec<Value> = (0..3000)
+        .map(|i| {
+            json!({"type": "object", "properties": {format!("k{i}"): {"type": "string"}},
+                        "required": [format!("k{i}")]})
+        })
+        .collect();
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 20,
+                      "response_format": {"type": "json_schema",
+                                          "json_schema": {"name": "wide",
+                                                          "schema": {"anyOf": alternatives}}}});
+    let (status, v) = post(&server, "/v1/completions", body.clone()).await;
+    assert_error(status, &v, 400, None);
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.starts_with("structured output: "), "{v}");
+    assert!(message.contains("max is 2000"), "{v}");
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let response = client()
+        .post(url(&server, "/v1/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    let data = sse_data(response).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    let event: Value = serde_json::from_str(&data[data.len() - 2]).expect("an error event");
+    assert_eq!(event["error"]["type"], "invalid_request_error", "{event}");
+    // Nothing is left behind: the KV cache is empty again and the server serves.
+    wait_idle(&server).await;
+    let (status, _) = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    server.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_fields_are_refused_unless_allowed() {
     let strict = start(|_| {}).await;

@@ -6,7 +6,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use mpt_engine::{LogprobsOf, SamplingParam, SubmitError};
+use mpt_engine::{Failure, LogprobsOf, SamplingParam, SubmitError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -244,6 +244,24 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<Failure> for ApiError {
+    /// A grammar the engine could not follow is the request's fault (400, or an
+    /// `invalid_request_error` event in a stream); any other failure is the server's (500, with
+    /// the detail only in the log).
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Constraint(_) => Self::Invalid {
+                message: failure.to_string(),
+                param: None,
+                code: None,
+            },
+            Failure::Internal(message) => {
+                Self::Internal(format!("engine failed request: {message}"))
+            }
+        }
+    }
+}
+
 /// `{"error": {...}}`.
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ErrorBody {
@@ -343,6 +361,18 @@ mod tests {
         for e in errors {
             assert!(ERROR_KINDS.contains(&e.kind()), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_failing_grammar_is_a_400_and_other_failures_a_500() {
+        let e = ApiError::from(Failure::Constraint("token 7 was rejected: too wide".into()));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.body().error.message,
+            "structured output: token 7 was rejected: too wide"
+        );
+        let e = ApiError::from(Failure::Internal("shape mismatch".into()));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

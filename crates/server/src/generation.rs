@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
-use mpt_engine::{Delta, Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
+use mpt_engine::{Delta, Event, Failure, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ApiError;
@@ -184,13 +184,15 @@ impl Generation {
                 }
                 Item::Completed { prompt, usage }
             }
-            Event::Failed(message) => {
-                tracing::error!(request_id = %self.request_id, error = %message, "engine failed a request");
+            Event::Failed(failure) => {
+                if matches!(failure, Failure::Internal(_)) {
+                    tracing::error!(request_id = %self.request_id, error = %failure, "engine failed a request");
+                } else {
+                    tracing::info!(request_id = %self.request_id, error = %failure, "request failed");
+                }
                 self.finished = true;
                 self.outcome = "failed";
-                Item::Failed(ApiError::Internal(format!(
-                    "engine failed request: {message}"
-                )))
+                Item::Failed(failure.into())
             }
         })
     }

@@ -180,7 +180,19 @@ pub enum Event {
         timings: Timings,
     },
     /// The request failed; the last event.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why an accepted request failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Failure {
+    /// Its constraint cannot go on: the grammar engine hit one of its limits (a grammar too
+    /// large to follow) or rejected a token. The request's doing, not the server's.
+    #[error("structured output: {0}")]
+    Constraint(String),
+    /// The step failed (the forward pass, detokenization): not the request's doing.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Why a request was not accepted. Plain data with the numbers involved; the server words it.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::Engine;
 use super::request::{Choice, Request};
-use crate::api::types::{Delta, Event, FinishReason, Timings, Usage};
+use crate::api::types::{Delta, Event, Failure, FinishReason, Timings, Usage};
 use crate::decode::constraint::SeqConstraint;
 use crate::decode::detokenizer::IncrementalDecoder;
 use crate::decode::sampler::{Sampler, derive_seed, token_logprob};
@@ -219,8 +219,8 @@ impl Engine {
             (0..=extra).collect()
         };
         for slot in slots {
-            if let Err(message) = self.sample_choice(key, slot, last) {
-                self.fail(key, message);
+            if let Err(failure) = self.sample_choice(key, slot, last) {
+                self.fail(key, failure);
                 return;
             }
         }
@@ -229,7 +229,7 @@ impl Engine {
         }
     }
 
-    fn sample_choice(&mut self, key: u64, slot: usize, row: &[f32]) -> Result<(), String> {
+    fn sample_choice(&mut self, key: u64, slot: usize, row: &[f32]) -> Result<(), Failure> {
         let req = self
             .requests
             .get_mut(&key)
@@ -240,7 +240,7 @@ impl Engine {
         let banned = choice.text.banned_tokens();
         let mask = match choice.constraint.as_mut() {
             Some(constraint) => {
-                let mut mask = constraint.mask()?;
+                let mut mask = constraint.mask().map_err(Failure::Constraint)?;
                 mask.remove_unless_empty(&banned);
                 Some(mask)
             }
@@ -264,7 +264,7 @@ impl Engine {
             }
         };
         if let Some(constraint) = choice.constraint.as_mut() {
-            constraint.consume(token)?;
+            constraint.consume(token).map_err(Failure::Constraint)?;
         }
         choice.sampler.record(token);
         let logprob = (want_logprobs.is_some() || buffered)
@@ -276,7 +276,7 @@ impl Engine {
         self.generation_tokens += 1;
         self.sched.append_token(choice.seq, token);
         req.first_token_at.get_or_insert_with(Instant::now);
-        let detok = |e| format!("detokenization failed: {e}");
+        let detok = |e| Failure::Internal(format!("detokenization failed: {e}"));
         let mut outcome = choice.text.push(token).map_err(detok)?;
         if choice
             .constraint
@@ -324,7 +324,7 @@ impl Engine {
 
     /// Ends a constrained choice whose grammar allows no further token, with `Stop` and the
     /// text still held back.
-    fn finish_without_token(&mut self, key: u64, slot: usize) -> Result<(), String> {
+    fn finish_without_token(&mut self, key: u64, slot: usize) -> Result<(), Failure> {
         let req = self
             .requests
             .get_mut(&key)
@@ -334,7 +334,7 @@ impl Engine {
         let text = choice
             .text
             .finish()
-            .map_err(|e| format!("detokenization failed: {e}"))?;
+            .map_err(|e| Failure::Internal(format!("detokenization failed: {e}")))?;
         choice.finish = Some(FinishReason::Stop);
         let seq = choice.seq;
         if buffered {

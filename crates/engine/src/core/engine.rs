@@ -21,7 +21,7 @@ use super::load::{Loaded, Ready, load};
 use super::request::Request;
 use crate::api::config::{EngineConfig, FaultPlan};
 use crate::api::error::{EngineError, Result};
-use crate::api::types::{EngineStats, Event, LoadProgress};
+use crate::api::types::{EngineStats, Event, Failure, LoadProgress};
 use crate::kv::KvCache;
 use crate::model::Mpt;
 use crate::sched::scheduler::{ScheduledStep, Scheduler};
@@ -221,10 +221,10 @@ impl Engine {
         }
     }
 
-    pub(super) fn fail(&mut self, key: u64, message: String) {
+    pub(super) fn fail(&mut self, key: u64, failure: Failure) {
         if let Some(req) = self.forget(key) {
-            tracing::warn!(request_id = %req.req.request_id, %message, "request failed");
-            req.send(Event::Failed(message));
+            tracing::warn!(request_id = %req.req.request_id, %failure, "request failed");
+            req.send(Event::Failed(failure));
         }
     }
 
@@ -273,7 +273,7 @@ impl Engine {
                     .filter_map(|id| self.owner.get(id).map(|o| o.0))
                     .collect();
                 for key in keys {
-                    self.fail(key, message.clone());
+                    self.fail(key, Failure::Internal(message.clone()));
                 }
                 return;
             }

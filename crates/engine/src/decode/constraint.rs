@@ -111,9 +111,12 @@ impl SeqConstraint {
     /// Computes the mask of the current state unless it is known already.
     pub fn prepare(&mut self) {
         if self.next.is_none() {
-            self.next = Some(self.matcher.compute_mask().map(TokenMask).map_err(|e| {
-                format!("structured output: the grammar failed to compute a mask: {e}")
-            }));
+            self.next = Some(
+                self.matcher
+                    .compute_mask()
+                    .map(TokenMask)
+                    .map_err(|e| format!("the grammar failed to compute a mask: {e}")),
+            );
         }
     }
 
@@ -135,7 +138,7 @@ impl SeqConstraint {
         self.next = None;
         self.matcher
             .consume_token(token)
-            .map_err(|e| format!("structured output: token {token} was rejected: {e}"))
+            .map_err(|e| format!("token {token} was rejected: {e}"))
     }
 
     /// True once the output is complete and nothing may follow (EOS taken, or no extension).
