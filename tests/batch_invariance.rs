@@ -30,7 +30,7 @@ fn prompts() -> Vec<Vec<u32>> {
 /// Request `i`: even ones greedy, odd ones sampled at temperature 1 with seed `i`.
 fn body(i: usize, prompt: &[u32]) -> Value {
     let mut b = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "logprobs": 5});
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b["temperature"] = json!(0.0);
     } else {
         b["temperature"] = json!(1.0);
