@@ -191,6 +191,11 @@ pub struct EngineConfig {
     pub load_format: LoadFormat,
     /// Attention implementation on a CUDA device ([`AttentionKernels::Custom`] fails elsewhere).
     pub attention_kernels: AttentionKernels,
+    /// Bitwise batch-invariant forward pass on the CPU: a token's logits do not depend on the
+    /// other sequences in its step, on chunked-prefill splits, on recomputation or on prefix-cache
+    /// hits (f32, bf16 and Q8_0 weights; see `Mpt::set_batch_invariant`). Off, f32 prefill
+    /// chunks use candle's faster GEMM.
+    pub batch_invariant: bool,
     /// Fraction of the GPU's memory the process may use, in (0, 1]; sizes a
     /// [`KvCacheSize::Auto`] cache on a GPU, ignored on the CPU.
     pub gpu_memory_utilization: f64,
@@ -227,6 +232,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             load_format: LoadFormat::Auto,
             attention_kernels: AttentionKernels::CandleOps,
+            batch_invariant: true,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             faults: FaultPlan::default(),
         }

@@ -279,6 +279,7 @@ pub(crate) fn load(
         "model weights loaded"
     );
     model.set_cuda_attention_kernels(config.attention_kernels == AttentionKernels::Custom)?;
+    model.set_batch_invariant(config.batch_invariant);
     let (tokenizer, model_dir) = load_tokenizer(config, gguf.as_ref())?;
     let chat_template = gguf
         .as_ref()

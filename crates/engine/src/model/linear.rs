@@ -1,13 +1,18 @@
 //! Linear layers. Decode steps multiply a few activation rows (one per running sequence) by
 //! large weight matrices, where candle's general GEMM leaves much of the memory bandwidth and FMA
-//! throughput unused. So for f32 on the CPU with up to 32 rows we use our register-tiled kernel
-//! (`kernels::cpu::matmul`); prefill chunks and other dtypes and devices go to candle's matmul.
-//! Quantized weights ([`Weight`]) go to our int8 Q8_0 kernel (`kernels::cpu::q8_0`) on the CPU,
-//! and to candle's quantized matmul for the other ggml formats and on CUDA; bf16 weights on the
-//! CPU to our bf16 kernel (`kernels::cpu::bf16`).
+//! throughput unused. So f32 on the CPU goes to our register-tiled kernel
+//! (`kernels::cpu::matmul`): for every row count when the forward pass is batch-invariant (the
+//! default, [`RowRouting::BatchInvariant`]), else only up to 32 rows, with prefill chunks going to
+//! candle's GEMM, whose per-element sums depend on the row count. Other dtypes and devices go to
+//! candle's matmul. Quantized weights ([`Weight`]) go to our int8 Q8_0 kernel
+//! (`kernels::cpu::q8_0`) on the CPU, and to candle's quantized matmul for the other ggml formats
+//! and on CUDA; bf16 weights on the CPU to our bf16 kernel (`kernels::cpu::bf16`).
 //!
 //! Invariant: a [`Weight`] is `(out, in)`; whatever its storage, `forward` returns activations
-//! in the input's dtype.
+//! in the input's dtype. Batch invariance: with [`RowRouting::BatchInvariant`], a row's output on
+//! the CPU is bitwise independent of the other rows for f32, bf16 and Q8_0 weights (our kernels
+//! fix each element's reduction order); f16 weights and the other ggml formats go through candle
+//! and carry no such promise.
 
 use std::sync::Arc;
 
@@ -19,11 +24,22 @@ use crate::kernels::cpu::isa::detect_isa;
 use crate::kernels::cpu::matmul::matmul_nt;
 use crate::kernels::cpu::q8_0::{Int8Dot, Q8Matrix};
 
-/// Row counts that use the skinny kernel. Measured on a 2-core AVX-512 EPYC against candle 0.11.1
+/// Row counts that use the skinny kernel under [`RowRouting::Fastest`]. Measured on a 2-core
+/// AVX-512 EPYC against candle 0.11.1
 /// (`linear_speed_report` below, f32, the ~125M model's shapes): 1.4–2.2× faster at 1 row (the
 /// tied 50432 × 768 logits GEMV reaches 30 GB/s against candle's 22), 1.4–11× at 2–16 rows,
 /// level at 24–32 on the 3072 × 768 shape; beyond 32 rows candle's packed GEMM wins.
 const SKINNY_ROWS: std::ops::RangeInclusive<usize> = 1..=32;
+
+/// Which f32 CPU kernel serves which row count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum RowRouting {
+    /// Our tiled kernel for every row count: a row's result never depends on its neighbours.
+    #[default]
+    BatchInvariant,
+    /// Our kernel up to [`SKINNY_ROWS`], candle's GEMM above (faster prefill, not invariant).
+    Fastest,
+}
 
 /// A weight matrix `(out, in)` in one of the storages the kernels take.
 #[derive(Debug, Clone)]
@@ -108,9 +124,9 @@ impl Linear {
     }
 
     /// Applies the layer to `x` of shape `(rows, in)`.
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, routing: RowRouting) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Dense(w) => dense_forward(x, w)?,
+            Weight::Dense(w) => dense_forward(x, w, routing)?,
             Weight::Q8(m) => {
                 let dtype = x.dtype();
                 let rows = x.dim(0)?;
@@ -141,7 +157,7 @@ impl Linear {
 }
 
 /// A plain weight: our kernels on the CPU where they are faster, else candle's matmul.
-fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+fn dense_forward(x: &Tensor, w: &Tensor, routing: RowRouting) -> candle_core::Result<Tensor> {
     let cpu = x.device().is_cpu();
     if cpu && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
         return x.contiguous()?.apply_op2_no_bwd(w, &Bf16Matmul);
@@ -149,7 +165,7 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let skinny = cpu
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
-        && SKINNY_ROWS.contains(&x.dim(0)?);
+        && (routing == RowRouting::BatchInvariant || SKINNY_ROWS.contains(&x.dim(0)?));
     if skinny {
         x.contiguous()?.apply_op2_no_bwd(w, &SkinnyMatmul)
     } else {
@@ -185,7 +201,7 @@ impl CustomOp2 for Bf16Matmul {
     }
 }
 
-/// `x (m, k) · w (n, k)ᵀ → (m, n)` for small `m`, f32, CPU.
+/// `x (m, k) · w (n, k)ᵀ → (m, n)`, f32, CPU, through our tiled kernel.
 pub(crate) struct SkinnyMatmul;
 
 impl CustomOp2 for SkinnyMatmul {
@@ -234,14 +250,65 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (96, 80), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 96, &dev)?;
         let layer = Linear::new(w.clone(), Some(b.clone()));
-        for rows in [1, 2, 7, *SKINNY_ROWS.end(), SKINNY_ROWS.end() + 5] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 80), &dev)?;
-            let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-            let diff = (layer.forward(&x)? - want)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "rows={rows}: max diff {diff}");
+        for routing in [RowRouting::BatchInvariant, RowRouting::Fastest] {
+            for rows in [1, 2, 7, *SKINNY_ROWS.end(), SKINNY_ROWS.end() + 5, 150] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 80), &dev)?;
+                let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+                let diff = (layer.forward(&x, routing)? - want)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(diff < 1e-4, "{routing:?} rows={rows}: max diff {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_bf16_and_q8_0_rows_do_not_depend_on_the_batch() -> candle_core::Result<()> {
+        use crate::kernels::cpu::q8_0::quantize_matrix;
+        let dev = candle_core::Device::Cpu;
+        let (n, k, total) = (70, 288, 150); // Q8_0: a super-block and a tail block
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let layers = [
+            ("f32", Linear::new(w.clone(), None), DType::F32),
+            (
+                "bf16",
+                Linear::new(w.to_dtype(DType::BF16)?, None),
+                DType::BF16,
+            ),
+            (
+                "q8_0",
+                Linear::with_weight(Weight::Q8(Arc::new(quantize_matrix(&values, n, k))), None),
+                DType::F32,
+            ),
+        ];
+        let x = Tensor::randn(0f32, 1.0, (total, k), &dev)?;
+        for (name, layer, dtype) in layers {
+            let x = x.to_dtype(dtype)?;
+            let bits = |t: Tensor| -> candle_core::Result<Vec<u32>> {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(v.into_iter().map(f32::to_bits).collect())
+            };
+            let all = bits(layer.forward(&x, RowRouting::BatchInvariant)?)?;
+            // Single rows (decode), the old skinny limit and past it, prefill-sized chunks.
+            for (from, m) in [
+                (0, 1),
+                (77, 1),
+                (3, 5),
+                (10, 32),
+                (40, 33),
+                (1, 100),
+                (0, 150),
+            ] {
+                let got = bits(layer.forward(&x.narrow(0, from, m)?, RowRouting::BatchInvariant)?)?;
+                assert!(
+                    got == all[from * n..(from + m) * n],
+                    "{name}: rows {from}..{} differ from the same rows in a batch of {total}",
+                    from + m
+                );
+            }
         }
         Ok(())
     }
@@ -263,7 +330,7 @@ mod tests {
             let layer = Linear::with_weight(Weight::Ggml(Arc::clone(&q)), None);
             let x = Tensor::randn(0f32, 1.0, (3, k), &dev)?;
             let want = x.matmul(&dense.t()?)?;
-            let got = layer.forward(&x)?;
+            let got = layer.forward(&x, RowRouting::default())?;
             let err = ((got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
                 / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
             .sqrt();
@@ -294,7 +361,7 @@ mod tests {
         for rows in [1, 5, 32, 33, 70] {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
             let want = x.matmul(&dense.t()?)?;
-            let got = layer.forward(&x)?;
+            let got = layer.forward(&x, RowRouting::default())?;
             let err = ((got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
                 / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
             .sqrt();
@@ -329,7 +396,7 @@ mod tests {
                     .collect()
             })
             .collect::<candle_core::Result<_>>()?;
-        for m in [1, 4, 8, 16, 32] {
+        for m in [1, 4, 8, 16, 32, 64, 128, 512] {
             let x = Tensor::randn(0f32, 1.0, (m, 768), &dev)?;
             let x4 = Tensor::randn(0f32, 1.0, (m, 3072), &dev)?;
             let pass = |skinny: bool| -> candle_core::Result<Tensor> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::linear::{Linear, Weight};
+use super::linear::{Linear, RowRouting, Weight};
 use crate::kernels::cpu::q8_0::quantize_matrix;
 
 /// Seconds per call of `f`, after one warm-up, over at least 0.5 s.
@@ -75,10 +75,10 @@ fn quantized_linear_speed_report() -> candle_core::Result<()> {
                 })
                 .map(|t| t / copies as f64)
             };
-            let t_ours = each(&|i| ours[i].forward(&x))?;
+            let t_ours = each(&|i| ours[i].forward(&x, RowRouting::default()))?;
             let t_cq8 = each(&|i| candle_q8[i].forward(&x))?;
             let t_cq4k = each(&|i| candle_q4k[i].forward(&x))?;
-            let t_bf16 = each(&|i| bf16[i].forward(&xb))?;
+            let t_bf16 = each(&|i| bf16[i].forward(&xb, RowRouting::default()))?;
             let gflop = 2.0 * (m * n * k) as f64 / 1e9;
             println!(
                 "n={n:5} k={k:5} m={m:3}: q8_0 ours {:8.3} ms ({:5.1} GB/s, {:6.1} GFLOP/s) \

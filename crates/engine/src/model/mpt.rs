@@ -17,7 +17,7 @@ use super::batch::ModelBatch;
 use super::config::MptConfig;
 use super::demo;
 use super::gguf::{GgufFile, GgufTensor, gguf_name};
-use super::linear::{Linear, Weight};
+use super::linear::{Linear, RowRouting, Weight};
 use super::quantize::{WeightPlan, refuse_requantizing};
 use super::weights::{DummyWeights, WeightFiles};
 use crate::api::config::{ModelSource, Quantization};
@@ -63,6 +63,8 @@ pub struct Mpt {
     lm_head: Linear,
     /// Whether `lm_head` is `wte` itself.
     tied: bool,
+    /// Which f32 matmul kernel serves which row count (see [`Mpt::set_batch_invariant`]).
+    routing: RowRouting,
     blocks: Vec<Block>,
     norm_f: Norm,
     attention: Attention,
@@ -371,6 +373,7 @@ impl Mpt {
             config,
             lm_head,
             tied: !separate_output,
+            routing: RowRouting::BatchInvariant,
             wte,
             blocks,
             norm_f,
@@ -425,6 +428,18 @@ impl Mpt {
             .use_cuda_kernels(on, &self.device, self.dtype, head_dim)
     }
 
+    /// Whether every row's logits are bitwise independent of the other rows of the step (on by
+    /// default): f32 linear layers on the CPU then use our tiled kernel for every row count;
+    /// off, prefill chunks of more than 32 rows go to candle's faster GEMM instead. Attention,
+    /// norms and the bf16 and Q8_0 kernels are batch-invariant either way.
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.routing = if on {
+            RowRouting::BatchInvariant
+        } else {
+            RowRouting::Fastest
+        };
+    }
+
     /// Runs one mixed batch. Writes the new tokens' K/V into `cache` through each sequence's
     /// block table and returns f32 logits of shape `(batch.num_logits_rows(), vocab_size)`, rows
     /// in batch order.
@@ -444,7 +459,7 @@ impl Mpt {
         let mut x = self.wte.weight().rows(&ids, self.dtype, &self.device)?; // (n, d)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.norm_1.forward(&x)?;
-            let mut qkv = block.wqkv.forward(&h)?; // (n, 3d)
+            let mut qkv = block.wqkv.forward(&h, self.routing)?; // (n, 3d)
             if let Some(c) = self.config.attn_config.clip_qkv {
                 qkv = qkv.clamp(-c, c)?;
             }
@@ -456,11 +471,12 @@ impl Mpt {
                 k = k_ln.forward(&k)?;
             }
             let attn = self.attention.forward(layer, &q, &k, &v, &plan, cache)?; // (n, d)
-            x = (x + block.out_proj.forward(&attn)?)?;
+            x = (x + block.out_proj.forward(&attn, self.routing)?)?;
             let h = block.norm_2.forward(&x)?;
-            let ffn = block
-                .down_proj
-                .forward(&gelu_erf(&block.up_proj.forward(&h)?)?)?;
+            let ffn = block.down_proj.forward(
+                &gelu_erf(&block.up_proj.forward(&h, self.routing)?)?,
+                self.routing,
+            )?;
             x = (x + ffn)?;
         }
         if logit_rows.is_empty() {
@@ -476,7 +492,10 @@ impl Mpt {
             x.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?
         };
         let h = self.norm_f.forward(&h)?;
-        let mut logits = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
+        let mut logits = self
+            .lm_head
+            .forward(&h, self.routing)?
+            .to_dtype(DType::F32)?;
         if let Some(scale) = self.logit_scale {
             logits = (logits * scale)?;
         }

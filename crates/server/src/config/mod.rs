@@ -96,6 +96,8 @@ pub struct FileConfig {
     pub load_format: Option<String>,
     /// See `--attention-kernels`.
     pub attention_kernels: Option<String>,
+    /// See `--batch-invariant`.
+    pub batch_invariant: Option<bool>,
     /// See `--threads`.
     pub threads: Option<usize>,
     /// See `--api-key`.
@@ -168,6 +170,8 @@ pub struct ServerConfig {
     pub load_format: LoadFormat,
     /// Attention implementation on a CUDA device.
     pub attention_kernels: AttentionKernels,
+    /// Bitwise batch-invariant forward pass on the CPU.
+    pub batch_invariant: bool,
     /// CPU threads.
     pub threads: Option<usize>,
     /// API key for /v1/*.
@@ -232,6 +236,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("gpu_memory_utilization", &self.gpu_memory_utilization)
             .field("load_format", &self.load_format)
             .field("attention_kernels", &self.attention_kernels)
+            .field("batch_invariant", &self.batch_invariant)
             .field("threads", &self.threads)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("max_queue_size", &self.max_queue_size)
@@ -534,6 +539,10 @@ impl ServerConfig {
             gpu_memory_utilization,
             load_format,
             attention_kernels,
+            batch_invariant: cli
+                .batch_invariant
+                .or(file.batch_invariant)
+                .unwrap_or(defaults.batch_invariant),
             threads,
             api_key: cli.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             max_queue_size: cli
@@ -576,6 +585,7 @@ impl ServerConfig {
             enable_prefix_caching: EngineConfig::default().enable_prefix_caching,
             load_format: self.load_format,
             attention_kernels: self.attention_kernels,
+            batch_invariant: self.batch_invariant,
             gpu_memory_utilization: self.gpu_memory_utilization,
             faults: self.faults,
         }

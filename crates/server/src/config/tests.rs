@@ -183,6 +183,26 @@ fn allow_unknown_fields_from_the_flag_or_the_file() {
 }
 
 #[test]
+fn batch_invariance_is_on_unless_the_flag_or_the_file_turns_it_off() {
+    assert!(ServerConfig::default().engine_config().batch_invariant);
+    let resolve = |args: &[&str], toml: &str| {
+        let cli = Cli::try_parse_from(args).expect("valid flags");
+        let file = parse_file(toml).expect("valid file");
+        ServerConfig::resolve(cli, file)
+            .expect("valid")
+            .engine_config()
+            .batch_invariant
+    };
+    assert!(!resolve(&["x", "--batch-invariant", "false"], ""));
+    assert!(!resolve(&["x"], "batch_invariant = false\n"));
+    assert!(resolve(
+        &["x", "--batch-invariant", "true"],
+        "batch_invariant = false\n"
+    ));
+    assert!(Cli::try_parse_from(["x", "--batch-invariant", "maybe"]).is_err());
+}
+
+#[test]
 fn a_gguf_file_is_served_by_its_stem_with_an_optional_tokenizer() {
     let cli = Cli::try_parse_from([
         "x",

@@ -1,5 +1,6 @@
-//! The register-tiled matmul behind `Linear` for the small row counts of decode steps:
-//! `x (m, k) · w (n, k)ᵀ` with both operands k-contiguous, as PyTorch checkpoints store weights.
+//! The register-tiled matmul behind `Linear`: `x (m, k) · w (n, k)ᵀ` with both operands
+//! k-contiguous, as PyTorch checkpoints store weights. Built for the small row counts of decode
+//! steps; prefill chunks go through it too, a block of rows at a time, to be batch-invariant.
 //!
 //! A tile holds `RW` weight rows × `RX` activation rows of partial dot products in SIMD
 //! registers; each weight vector loaded is used `RX` times and each activation vector `RW` times,
@@ -7,6 +8,14 @@
 //! call. Weight rows are split over threads; the activations (m × k floats) stay in L2.
 //! Invariant: SIMD code here runs only for an [`Isa`] of that kind, and only `detect_isa` makes
 //! one, so it never runs on a CPU without the instruction set.
+//!
+//! Batch invariance: for a given [`Isa`], every output element is computed the same way whatever
+//! the tile it falls in: lane `l` of one register sums `a[i] · b[i]` for `i ≡ l` (mod the lane
+//! width) in increasing `i` with FMAs, the lanes are added in the register's fixed reduction
+//! order, and the products past the last whole register (`k` not a multiple of the width) are
+//! summed left to right and added last. Tiles only choose which sums share a loop, so the result
+//! for activation row `r` does not depend on `m`, on `r`'s place in the batch, on the number of
+//! weight rows or on the thread count.
 
 use rayon::prelude::*;
 
@@ -151,10 +160,45 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// `(m, k) · (n, k)ᵀ`, returned row-major `(m, n)`; weight rows are split over rayon threads.
+/// Bytes of activations one pass over the weights takes when there are many rows (prefill
+/// chunks): the block stays in L2 while the weight rows stream past it. Blocks do not change any
+/// output element's sum (see the module's invariant); each extra block reads the weights once
+/// more, so they are as large as L2 comfortably holds.
+const ROW_BLOCK_BYTES: usize = 512 << 10;
+
+/// Activation rows per pass over the weights for rows of `k` floats: 8 to 128.
+fn row_block(k: usize) -> usize {
+    (ROW_BLOCK_BYTES / (4 * k.max(1))).clamp(8, 128)
+}
+
+/// `(m, k) · (n, k)ᵀ`, returned row-major `(m, n)`; weight rows are split over rayon threads,
+/// activation rows taken [`row_block`] at a time.
 pub(crate) fn matmul_nt(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
+    assert!(
+        x.len() == m * k && w.len() == n * k,
+        "matmul_nt: operands are not (m, k) and (n, k)"
+    );
+    let block = row_block(k);
+    if m <= block {
+        return matmul_block(isa, x, m, k, w, n);
+    }
+    let mut out = Vec::with_capacity(m * n);
+    for start in (0..m).step_by(block) {
+        let rows = block.min(m - start);
+        out.extend(matmul_block(
+            isa,
+            &x[start * k..(start + rows) * k],
+            rows,
+            k,
+            w,
+            n,
+        ));
+    }
+    out
+}
+
+/// [`matmul_nt`] for one block of activation rows.
+fn matmul_block(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     // Computed transposed, (n, m), so each task owns a contiguous slice of output.
     let mut out_t = vec![0f32; n * m];
     if k > 0 {
@@ -465,6 +509,43 @@ mod tests {
                         assert!(
                             (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{isa:?} {na}x{nb} at ({i},{j}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_whatever_the_batch_around_it() {
+        // 150 activation rows: past several row blocks. k below, at and past the lane widths and
+        // with tails; n around the tile heights (4, 8) and the rows per task (32).
+        let total = 150;
+        for isa in Isa::all_supported() {
+            // k = 20000 makes row blocks of 8, so the windows cross several.
+            for (k, n) in [
+                (1, 5),
+                (15, 9),
+                (16, 4),
+                (17, 33),
+                (100, 70),
+                (771, 37),
+                (20000, 6),
+            ] {
+                let x = pseudo(total * k, 1);
+                let w = pseudo(n * k, 2);
+                let all = matmul_nt(isa, &x, total, k, &w, n);
+                let windows = [(0, 1), (3, 1), (149, 1), (1, 2), (5, 3), (7, 4), (2, 5)];
+                let more = [(0, 32), (9, 33), (60, 64), (63, 65), (20, 129), (1, 149)];
+                for (from, m) in windows.into_iter().chain(more) {
+                    let got = matmul_nt(isa, &x[from * k..(from + m) * k], m, k, &w, n);
+                    for (i, (a, b)) in got.iter().zip(&all[from * n..]).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{isa:?} k={k} n={n}: row {} of {m} from {from}, column {}",
+                            i / n,
+                            i % n
                         );
                     }
                 }
