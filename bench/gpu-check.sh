@@ -20,7 +20,7 @@ PACKED_SERVER=bench/gpu-check-bin/mpt-server.xz
 
 pack() {
     eval "$(bash .ci/cuda-toolkit.sh)"
-    # sm_90 PTX for the H100/H200 we borrow (the driver JIT-compiles it at load).
+    # sm_90 PTX for H100/H200 cards (the driver JIT-compiles it at load).
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
     CARGO_TARGET_DIR=target/cuda nice -n 10 \
         cargo build --release -p mpt-engine --features cuda --example gpu_check
@@ -34,7 +34,7 @@ pack() {
     xz -T0 -9 -f bench/gpu-check-bin/mpt-server
     git rev-parse HEAD >bench/gpu-check-bin/COMMIT
     ls -l "$PACKED" "$PACKED_SERVER"
-    echo "now: run(command=\"bash bench/gpu-check.sh run\", carry=[\"bench/gpu-check-bin\"], timeout_s=560)"
+    echo "next: copy the checkout with bench/gpu-check-bin/ to the GPU machine and run there: bash bench/gpu-check.sh run"
 }
 
 run() {
