@@ -14,8 +14,9 @@ use crate::error::ErrorBody;
 #[derive(IntoResponses)]
 pub enum GenerationErrors {
     /// A field is missing, of the wrong type or out of range (`param` names it), an unknown
-    /// field, a non-JSON or non-object body, a constraint that cannot be enforced, or a prompt
-    /// longer than the context (`code: context_length_exceeded`).
+    /// field, a non-JSON or non-object body, a constraint that cannot be enforced (also one the
+    /// grammar engine stops following mid-generation), or a prompt longer than the context
+    /// (`code: context_length_exceeded`).
     #[response(status = 400)]
     BadRequest(ErrorBody),
     /// The `model` is not the served one (`code: model_not_found`).
