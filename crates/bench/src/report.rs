@@ -130,6 +130,17 @@ pub fn console_table(run: &RunResult) -> String {
                 w.samples
             );
         }
+        if let Some(s) = &l.spec_decode {
+            let _ = writeln!(
+                out,
+                "  speculative decoding: {} drafts, {} tokens drafted, {} accepted ({}%, {} per draft)",
+                s.drafts,
+                s.draft_tokens,
+                s.accepted_tokens,
+                num(s.acceptance_pct),
+                num(s.accepted_per_draft),
+            );
+        }
         if l.output_length_mismatches > 0 {
             let _ = writeln!(
                 out,

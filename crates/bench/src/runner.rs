@@ -17,7 +17,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::client::{Target, send};
-use crate::scrape::{KvSampler, ServerProbe, kv_waste_structural, prefill_diff, scrape};
+use crate::scrape::{
+    KvSampler, ServerProbe, kv_waste_structural, prefill_diff, scrape, spec_decode_diff,
+};
 use crate::stats::{LevelResult, Load, RequestRecord, TimingSource, aggregate};
 use crate::workload::{PlannedRequest, poisson_schedule};
 
@@ -118,6 +120,11 @@ pub async fn run_level(
         )),
         _ => None,
     };
+    // Speculative-decoding counters around the level (scraped before its clock starts).
+    let counters_before = match &probe.metrics_url {
+        Some(url) => scrape(&client, url).await.ok(),
+        None => None,
+    };
     let level = Arc::new(Level {
         client,
         target,
@@ -180,6 +187,11 @@ pub async fn run_level(
         .saturating_sub(records.len());
     level.progress.finish_and_clear();
     let mut result = aggregate(load, &records, cancelled);
+    if let (Some(before), Some(url)) = (&counters_before, &probe.metrics_url)
+        && let Ok(after) = scrape(&level.client, url).await
+    {
+        result.spec_decode = spec_decode_diff(before, &after);
+    }
     result.kv_waste = match (kv_sampler, probe.kv_slots_per_seq) {
         (Some(sampler), _) => sampler.stop(),
         (None, Some(slots)) => {

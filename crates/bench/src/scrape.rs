@@ -28,6 +28,12 @@ pub mod names {
     pub const KV_ALLOCATED: &str = "mpt:kv_cache_allocated_tokens";
     /// mpt-serve gauge: of those, slots holding a computed position.
     pub const KV_FILLED: &str = "mpt:kv_cache_filled_tokens";
+    /// vLLM counter: speculative drafts verified.
+    pub const SPEC_DRAFTS: &str = "vllm:spec_decode_num_drafts_total";
+    /// vLLM counter: tokens in those drafts.
+    pub const SPEC_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens_total";
+    /// vLLM counter: drafted tokens accepted.
+    pub const SPEC_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens_total";
 }
 
 /// One scrape: metric name (with `_sum`/`_count` suffixes as exposed) → value summed over
@@ -140,6 +146,36 @@ pub fn prefill_diff(before: &Samples, after: &Samples) -> Option<(f64, Option<f6
         None
     };
     Some((prefill, queue))
+}
+
+/// Speculative decoding during one level, from the vLLM counters scraped before and after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpecDecode {
+    /// Drafts verified.
+    pub drafts: f64,
+    /// Tokens drafted.
+    pub draft_tokens: f64,
+    /// Drafted tokens accepted.
+    pub accepted_tokens: f64,
+    /// Accepted over drafted tokens, percent (None when nothing was drafted).
+    pub acceptance_pct: Option<f64>,
+    /// Accepted tokens per draft (None when nothing was drafted).
+    pub accepted_per_draft: Option<f64>,
+}
+
+/// The level's speculative decoding, None when the server has no such counters.
+pub fn spec_decode_diff(before: &Samples, after: &Samples) -> Option<SpecDecode> {
+    let delta = |n: &str| Some((after.get(n)? - before.get(n)?).max(0.0));
+    let drafts = delta(names::SPEC_DRAFTS)?;
+    let draft_tokens = delta(names::SPEC_DRAFT_TOKENS)?;
+    let accepted_tokens = delta(names::SPEC_ACCEPTED_TOKENS)?;
+    Some(SpecDecode {
+        drafts,
+        draft_tokens,
+        accepted_tokens,
+        acceptance_pct: (draft_tokens > 0.0).then(|| 100.0 * accepted_tokens / draft_tokens),
+        accepted_per_draft: (drafts > 0.0).then(|| accepted_tokens / drafts),
+    })
 }
 
 /// One KV reading: (allocated slots, filled slots).
@@ -373,6 +409,28 @@ nan_metric NaN
     fn structural_waste_of_fixed_slots() {
         // Prompt 128 + output 128 in 1024-slot sequences: mean fill 192 → 81.25% waste; at the
         // start 128 → 87.5%.
+        let before = parse_prometheus(
+            "vllm:spec_decode_num_drafts_total{model_name=\"m\"} 10\n\
+             vllm:spec_decode_num_draft_tokens_total{model_name=\"m\"} 40\n\
+             vllm:spec_decode_num_accepted_tokens_total{model_name=\"m\"} 20\n",
+        );
+        let after = parse_prometheus(
+            "vllm:spec_decode_num_drafts_total{model_name=\"m\"} 20\n\
+             vllm:spec_decode_num_draft_tokens_total{model_name=\"m\"} 80\n\
+             vllm:spec_decode_num_accepted_tokens_total{model_name=\"m\"} 50\n",
+        );
+        let s = spec_decode_diff(&before, &after).expect("counters");
+        assert_eq!(
+            (s.drafts, s.draft_tokens, s.accepted_tokens),
+            (10.0, 40.0, 30.0)
+        );
+        assert_eq!(
+            (s.acceptance_pct, s.accepted_per_draft),
+            (Some(75.0), Some(3.0))
+        );
+        let idle = spec_decode_diff(&after, &after).expect("counters");
+        assert_eq!((idle.acceptance_pct, idle.accepted_per_draft), (None, None));
+        assert_eq!(spec_decode_diff(&Samples::new(), &after), None);
         let w = kv_waste_structural(&[(128, 128), (128, 128)], 1024).expect("estimate");
         assert!((w.mean_pct - 81.25).abs() < 1e-12);
         assert!((w.max_pct - 87.5).abs() < 1e-12);

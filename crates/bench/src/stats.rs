@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scrape::KvWaste;
+use crate::scrape::{KvWaste, SpecDecode};
 
 /// Where a request's server-side prefill time came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +206,9 @@ pub struct LevelResult {
     /// KV-cache waste during the level (None when not measured).
     #[serde(default)]
     pub kv_waste: Option<KvWaste>,
+    /// Speculative decoding during the level (None when the server has no such counters).
+    #[serde(default)]
+    pub spec_decode: Option<SpecDecode>,
 }
 
 /// How many distinct error messages a level keeps.
@@ -300,6 +303,7 @@ pub fn aggregate(load: Load, records: &[RequestRecord], cancelled: usize) -> Lev
         overhead_ms: summarize(&overhead, 1000.0),
         overhead_method,
         kv_waste: None,
+        spec_decode: None,
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`kv`]: the paged KV cache — block allocator, prefix cache, storage, pool sizing.
 //! - [`decode`]: sampling, stop conditions, streaming detokenization, grammar masks
 //!   (structured outputs).
+//! - [`spec`]: speculative decoding — the n-gram proposer and when a sequence drafts.
 //! - [`model`]: MPT itself — config, weights, the forward pass, paged attention backends.
 //! - `kernels`: CPU SIMD kernels (instruction-set detection, matmul, fast maths, GELU).
 
@@ -19,11 +20,12 @@ mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sched;
+pub mod spec;
 pub mod tokenizer;
 
 pub use api::config::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
-    LoadFormat, ModelSource, Quantization,
+    LoadFormat, MAX_SPECULATIVE_TOKENS, ModelSource, NgramSpeculation, Quantization,
 };
 pub use api::error::{EngineError, Result};
 pub use api::handle::{EngineHandle, EventStream};

@@ -60,24 +60,6 @@ fn sixteen_concurrent_greedy_requests_match_solo_runs() {
     }
 }
 
-/// A copy of a fixture checkpoint with the real tokenizer added (the fixtures ship without one).
-fn fixture_dir(name: &str) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = root.join("../../tests/fixtures/models").join(name);
-    let dst = std::env::temp_dir().join(format!("mpt-engine-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dst).expect("temp dir");
-    for entry in std::fs::read_dir(&src).expect("fixture exists") {
-        let path = entry.expect("dir entry").path();
-        std::fs::copy(&path, dst.join(path.file_name().expect("file name"))).expect("copy");
-    }
-    std::fs::copy(
-        root.join("assets/demo/tokenizer.json"),
-        dst.join("tokenizer.json"),
-    )
-    .expect("copy");
-    dst
-}
-
 #[test]
 fn fixture_models_give_solo_outputs_in_a_mixed_batch() {
     for name in [

@@ -58,6 +58,12 @@ pub mod names {
     pub const PREFIX_CACHE_QUERIES: &str = "vllm:prefix_cache_queries_total";
     /// Prompt blocks found in the prefix cache.
     pub const PREFIX_CACHE_HITS: &str = "vllm:prefix_cache_hits_total";
+    /// Speculative drafts verified.
+    pub const SPEC_DECODE_DRAFTS: &str = "vllm:spec_decode_num_drafts_total";
+    /// Tokens in the drafts verified.
+    pub const SPEC_DECODE_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens_total";
+    /// Drafted tokens the model agreed with (accepted / drafted is the acceptance rate).
+    pub const SPEC_DECODE_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens_total";
     /// HTTP requests by route and status.
     pub const HTTP_REQUESTS: &str = "mpt:http_requests_total";
     /// Requests rejected before reaching the engine, by reason.
@@ -90,6 +96,9 @@ pub struct Metrics {
     generation_tokens: IntCounterVec,
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
+    spec_drafts: IntCounterVec,
+    spec_draft_tokens: IntCounterVec,
+    spec_accepted_tokens: IntCounterVec,
     request_success: IntCounterVec,
     ttft: HistogramVec,
     itl: HistogramVec,
@@ -178,6 +187,21 @@ impl Metrics {
             prefix_hits: counter(
                 PREFIX_CACHE_HITS,
                 "Prompt blocks found in the prefix cache.",
+                &["model_name"],
+            ),
+            spec_drafts: counter(
+                SPEC_DECODE_DRAFTS,
+                "Number of speculative drafts verified.",
+                &["model_name"],
+            ),
+            spec_draft_tokens: counter(
+                SPEC_DECODE_DRAFT_TOKENS,
+                "Number of drafted tokens verified.",
+                &["model_name"],
+            ),
+            spec_accepted_tokens: counter(
+                SPEC_DECODE_ACCEPTED_TOKENS,
+                "Number of drafted tokens accepted.",
                 &["model_name"],
             ),
             request_success: counter(
@@ -344,6 +368,12 @@ impl Metrics {
         catch_up(&self.generation_tokens, stats.generation_tokens);
         catch_up(&self.prefix_queries, stats.prefix_cache_queries);
         catch_up(&self.prefix_hits, stats.prefix_cache_hits);
+        catch_up(&self.spec_drafts, stats.spec_decode_drafts);
+        catch_up(&self.spec_draft_tokens, stats.spec_decode_draft_tokens);
+        catch_up(
+            &self.spec_accepted_tokens,
+            stats.spec_decode_accepted_tokens,
+        );
     }
 
     /// The Prometheus text exposition, after syncing `stats` when the engine is up.

@@ -142,6 +142,52 @@ pub enum AttentionKernels {
     Custom,
 }
 
+/// Longest draft a sequence may propose per step (each drafted token is one more row in the
+/// forward pass, verified or not).
+pub const MAX_SPECULATIVE_TOKENS: usize = 32;
+
+/// N-gram (prompt lookup) speculative decoding, as vLLM's `--speculative-config` names it:
+/// each decoding sequence drafts up to `num_speculative_tokens` tokens by matching its last
+/// `prompt_lookup_max` down to `prompt_lookup_min` tokens against its earlier text; the step
+/// verifies them and keeps the longest prefix the model agrees with, plus one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NgramSpeculation {
+    /// Most tokens drafted per sequence and step, 1 to [`MAX_SPECULATIVE_TOKENS`].
+    pub num_speculative_tokens: usize,
+    /// Longest suffix matched, at least `prompt_lookup_min`.
+    pub prompt_lookup_max: usize,
+    /// Shortest suffix matched, at least 1.
+    pub prompt_lookup_min: usize,
+    /// Draft only while fewer than this many sequences decode (vLLM's key), instead of
+    /// weighing each draft against what the engine measures a row to cost; at least 1.
+    pub disable_by_batch_size: Option<usize>,
+}
+
+impl NgramSpeculation {
+    /// Refuses settings that could not draft, naming the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let k = self.num_speculative_tokens;
+        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&k) {
+            let why = format!("must be between 1 and {MAX_SPECULATIVE_TOKENS}, got {k}");
+            return Err(("num_speculative_tokens", why));
+        }
+        if self.disable_by_batch_size == Some(0) {
+            return Err(("disable_by_batch_size", "must be at least 1".into()));
+        }
+        if self.prompt_lookup_min < 1 {
+            return Err(("prompt_lookup_min", "must be at least 1".into()));
+        }
+        if self.prompt_lookup_max < self.prompt_lookup_min {
+            let why = format!(
+                "must be at least prompt_lookup_min ({}), got {}",
+                self.prompt_lookup_min, self.prompt_lookup_max
+            );
+            return Err(("prompt_lookup_max", why));
+        }
+        Ok(())
+    }
+}
+
 /// Seed of the random weights of [`LoadFormat::Dummy`] (fixed: runs are repeatable).
 pub const DUMMY_WEIGHTS_SEED: u64 = 0;
 
@@ -196,6 +242,8 @@ pub struct EngineConfig {
     /// hits (f32, bf16 and Q8_0 weights; see `Mpt::set_batch_invariant`). Off, f32 prefill
     /// chunks use candle's faster GEMM.
     pub batch_invariant: bool,
+    /// N-gram speculative decoding; `None` decodes one token per sequence and step.
+    pub speculative: Option<NgramSpeculation>,
     /// Fraction of the GPU's memory the process may use, in (0, 1]; sizes a
     /// [`KvCacheSize::Auto`] cache on a GPU, ignored on the CPU.
     pub gpu_memory_utilization: f64,
@@ -233,6 +281,7 @@ impl Default for EngineConfig {
             load_format: LoadFormat::Auto,
             attention_kernels: AttentionKernels::CandleOps,
             batch_invariant: true,
+            speculative: None,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             faults: FaultPlan::default(),
         }

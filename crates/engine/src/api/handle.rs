@@ -95,6 +95,14 @@ impl EngineHandle {
                 format!("must be in (0, 1], got {fraction}"),
             ));
         }
+        if let Some(spec) = &config.speculative
+            && let Err((field, why)) = spec.check()
+        {
+            return Err(EngineError::setting(
+                "speculative_config",
+                format!("{field} {why}"),
+            ));
+        }
         // Refuse before a long weight load what can only fail after it.
         if config.attention_kernels == AttentionKernels::Custom && config.device == DeviceSpec::Cpu
         {

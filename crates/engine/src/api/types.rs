@@ -310,6 +310,12 @@ pub struct EngineStats {
     /// KV slots holding a computed position of a live sequence; a block shared by several
     /// sequences (prefix cache, forks) counts once. Allocated minus this is waste.
     pub kv_tokens_filled: usize,
+    /// Speculative drafts verified since start.
+    pub spec_decode_drafts: u64,
+    /// Tokens in the drafts verified since start.
+    pub spec_decode_draft_tokens: u64,
+    /// Drafted tokens the model agreed with since start.
+    pub spec_decode_accepted_tokens: u64,
 }
 
 /// Static facts about the loaded model that the server needs.

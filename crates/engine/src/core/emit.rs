@@ -49,6 +49,7 @@ impl Engine {
                 text: String::new(),
                 logprobs: Vec::new(),
             },
+            drafting: Default::default(),
         }
     }
 
@@ -148,12 +149,15 @@ impl Engine {
         req.send(Event::Completed { usage, timings });
     }
 
+    /// Turns one chunk's logits rows into prompt logprobs and sampled tokens; a chunk ending in
+    /// `drafted` drafted tokens is verified instead (see `speculate.rs`).
     pub(super) fn process_chunk(
         &mut self,
         id: SeqId,
         chunk: &SeqChunk,
         rows: &[f32],
         vocab: usize,
+        drafted: usize,
     ) {
         let Some(&(key, _)) = self.owner.get(&id) else {
             return;
@@ -180,6 +184,16 @@ impl Engine {
         }
         if chunk.context_len() < seq_len || rows.is_empty() {
             return; // a prompt chunk that is not the last one
+        }
+        if drafted > 0 {
+            let slot = self.owner[&id].1;
+            let draft = &chunk.tokens[chunk.tokens.len() - drafted..];
+            if let Err(failure) = self.verify_draft(key, slot, draft, rows, vocab) {
+                self.fail(key, failure);
+            } else if self.requests.get(&key).is_some_and(Request::all_finished) {
+                self.complete(key);
+            }
+            return;
         }
         let last = &rows[rows.len() - vocab..];
         let now = Instant::now();
@@ -229,7 +243,14 @@ impl Engine {
         }
     }
 
-    fn sample_choice(&mut self, key: u64, slot: usize, row: &[f32]) -> Result<(), Failure> {
+    /// Samples choice `slot`'s next token from `row`, emits it, and finishes the choice when it
+    /// is done; returns the token, or `None` when the grammar allowed none.
+    pub(super) fn sample_choice(
+        &mut self,
+        key: u64,
+        slot: usize,
+        row: &[f32],
+    ) -> Result<Option<u32>, Failure> {
         let req = self
             .requests
             .get_mut(&key)
@@ -249,7 +270,7 @@ impl Engine {
         let token = match &mask {
             Some(mask) if mask.num_allowed() == 0 => {
                 // The grammar cannot go on (nor end on EOS): what it produced is its output.
-                return self.finish_without_token(key, slot);
+                return self.finish_without_token(key, slot).map(|()| None);
             }
             Some(mask) => choice.sampler.sample_masked(row, Some(mask)),
             None if banned.is_empty() => choice.sampler.sample(row),
@@ -319,7 +340,7 @@ impl Engine {
             self.owner.remove(&seq);
             self.sched.remove(seq);
         }
-        Ok(())
+        Ok(Some(token))
     }
 
     /// Ends a constrained choice whose grammar allows no further token, with `Stop` and the

@@ -26,6 +26,8 @@ use crate::kv::KvCache;
 use crate::model::Mpt;
 use crate::sched::scheduler::{ScheduledStep, Scheduler};
 use crate::sched::sequence::{SeqId, SeqStatus};
+use crate::spec::cost::StepCost;
+use crate::spec::ngram::NgramProposer;
 use crate::tokenizer::Tokenizer;
 
 /// Entry point of the engine thread.
@@ -94,6 +96,16 @@ pub(super) struct Engine {
     pub(super) next_request: u64,
     pub(super) prompt_tokens: u64,
     pub(super) generation_tokens: u64,
+    /// Drafts tokens for decoding sequences, when speculative decoding is on.
+    pub(super) proposer: Option<NgramProposer>,
+    /// What steps cost by their number of rows (decides which drafts pay).
+    pub(super) step_cost: StepCost,
+    /// Drafts verified so far.
+    pub(super) spec_drafts: u64,
+    /// Tokens in the drafts verified so far.
+    pub(super) spec_draft_tokens: u64,
+    /// Drafted tokens accepted so far.
+    pub(super) spec_accepted_tokens: u64,
     /// Steps scheduled so far (what [`FaultPlan`] counts).
     steps: u64,
     faults: FaultPlan,
@@ -114,6 +126,11 @@ impl Engine {
             next_request: 0,
             prompt_tokens: 0,
             generation_tokens: 0,
+            proposer: loaded.speculative.map(NgramProposer::new),
+            step_cost: StepCost::default(),
+            spec_drafts: 0,
+            spec_draft_tokens: 0,
+            spec_accepted_tokens: 0,
             steps: 0,
             faults: loaded.faults,
         };
@@ -229,6 +246,7 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        self.propose_drafts();
         let step = self.sched.schedule();
         if step.is_empty() {
             // Cannot happen with a consistent scheduler; avoid spinning if it does.
@@ -244,6 +262,7 @@ impl Engine {
             );
         }
         let now = Instant::now();
+        let started = now;
         for id in &step.seq_ids {
             if let Some(&(key, _)) = self.owner.get(id)
                 && let Some(req) = self.requests.get_mut(&key)
@@ -282,12 +301,13 @@ impl Engine {
         let rows = step.batch.num_logits_rows();
         let vocab = logits.len().checked_div(rows).unwrap_or(0);
         let mut row = 0;
-        for (&id, chunk) in step.seq_ids.iter().zip(&step.batch.seqs) {
+        for (i, (&id, chunk)) in step.seq_ids.iter().zip(&step.batch.seqs).enumerate() {
             let n = chunk.logits.rows(chunk.tokens.len());
             let block = &logits[row * vocab..(row + n) * vocab];
             row += n;
-            self.process_chunk(id, chunk, block, vocab);
+            self.process_chunk(id, chunk, block, vocab, step.draft_len(i));
         }
+        self.observe_step_cost(&step, started.elapsed().as_secs_f64());
     }
 
     /// Applies the step's block copies and runs the forward pass, catching panics.
@@ -343,6 +363,9 @@ impl Engine {
             generation_tokens: self.generation_tokens,
             kv_block_size: self.sched.config().block_size,
             kv_tokens_filled: self.sched.kv_tokens_filled(),
+            spec_decode_drafts: self.spec_drafts,
+            spec_decode_draft_tokens: self.spec_draft_tokens,
+            spec_decode_accepted_tokens: self.spec_accepted_tokens,
         };
         *self
             .shared

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use super::admission::Limits;
 use crate::api::config::{
     AttentionKernels, DTypeSpec, DUMMY_WEIGHTS_SEED, DeviceSpec, EngineConfig, FaultPlan,
-    KvCacheDtype, LoadFormat, ModelSource,
+    KvCacheDtype, LoadFormat, ModelSource, NgramSpeculation,
 };
 use crate::api::error::{EngineError, Result};
 use crate::api::types::{LoadProgress, ModelInfo};
@@ -41,6 +41,8 @@ pub(crate) struct Loaded {
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) eos: u32,
     pub(crate) faults: FaultPlan,
+    /// Speculative decoding settings, checked by the handle.
+    pub(crate) speculative: Option<NgramSpeculation>,
 }
 
 fn resolve_device(spec: DeviceSpec) -> Result<Device> {
@@ -346,6 +348,7 @@ pub(crate) fn load(
         tokenizer: Arc::clone(&tokenizer),
         eos,
         faults: config.faults,
+        speculative: config.speculative,
     };
     Ok((
         loaded,

@@ -11,3 +11,4 @@ mod emit;
 pub(crate) mod engine;
 pub(crate) mod load;
 mod request;
+mod speculate;

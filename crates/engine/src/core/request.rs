@@ -15,6 +15,7 @@ use crate::decode::grammar::Grammar;
 use crate::decode::sampler::Sampler;
 use crate::decode::stop::OutputText;
 use crate::sched::sequence::SeqId;
+use crate::spec::tracker::DraftTracker;
 
 /// One choice (sequence) of a request.
 pub(super) struct Choice {
@@ -28,6 +29,8 @@ pub(super) struct Choice {
     pub(super) num_tokens: usize,
     /// Output kept until the end when `best_of > n`.
     pub(super) buffer: Delta,
+    /// Whether its sequence drafts (speculative decoding).
+    pub(super) drafting: DraftTracker,
 }
 
 /// Engine-side state of one request.

@@ -2,20 +2,25 @@
 //! tokens, and owns the KV block bookkeeping. Pure Rust, no tensors.
 //!
 //! Policy: running sequences go first — decodes before prompt chunks, each group oldest first —
-//! each with all its uncomputed tokens (one for a decode, the rest of a prompt for a chunked
-//! prefill) within the step's token budget, so a long prefill never stalls running streams;
-//! when blocks run out the newest running sequence not yet scheduled in this step is preempted
-//! (its blocks freed, its tokens recomputed later). Then waiting sequences are admitted strictly FCFS while `max_num_seqs`,
-//! the token budget and free blocks allow; a prompt larger than the budget is prefilled in
-//! chunks over several steps, and its chunks leave room for the next waiting prompt when that
-//! one is short (at most half the budget), so a short request gets its first token within
-//! about one step of a long prefill. Nothing is admitted in a step that preempted.
+//! each with all its uncomputed tokens (one for a decode, plus its draft when it has one and
+//! the budget and free blocks allow; the rest of a prompt for a chunked prefill) within the
+//! step's token budget, so a long prefill never stalls running streams; when blocks run out the
+//! newest running sequence not yet scheduled in this step is preempted (its blocks freed, its
+//! tokens recomputed later); a draft never preempts. Then waiting sequences are admitted
+//! strictly FCFS while `max_num_seqs`, the token budget and free blocks allow; a prompt larger
+//! than the budget is prefilled in chunks over several steps, and its chunks leave room for the
+//! next waiting prompt when that one is short (at most half the budget), so a short request
+//! gets its first token within about one step of a long prefill. Nothing is admitted in a step
+//! that preempted.
 //!
 //! Invariants (see [`Scheduler::check_invariants`]): every block's refcount equals the number
 //! of live block tables that contain it; finished or cancelled sequences hold nothing; with no
 //! sequences left every block is free (cached ones evictable). A block being written is never
 //! shared: a partly filled last block shared by forks is copied first (copy on write), and the
-//! step carries the `(src, dst)` copies to apply before the forward pass.
+//! step carries the `(src, dst)` copies to apply before the forward pass. Drafted positions
+//! count as computed only once accepted ([`Scheduler::accept_draft`]): rejected ones are
+//! rolled back, blocks left without an accepted position are freed, and prefix-cache hashes
+//! cover accepted tokens only.
 
 use std::collections::HashMap;
 
@@ -62,12 +67,20 @@ pub struct ScheduledStep {
     pub copies: Vec<(u32, u32)>,
     /// Sequences preempted in this step (their tokens will be recomputed).
     pub preempted: Vec<SeqId>,
+    /// Drafted tokens at the end of each chunk, parallel to `batch.seqs` (0: no draft); a
+    /// chunk with a draft returns the logits of every position.
+    pub draft_lens: Vec<usize>,
 }
 
 impl ScheduledStep {
     /// Whether there is nothing to run.
     pub fn is_empty(&self) -> bool {
         self.batch.seqs.is_empty()
+    }
+
+    /// Drafted tokens at the end of chunk `i`.
+    pub fn draft_len(&self, i: usize) -> usize {
+        self.draft_lens.get(i).copied().unwrap_or(0)
     }
 }
 
@@ -243,6 +256,19 @@ impl Scheduler {
         seq.tokens.push(token);
     }
 
+    /// Hashes the sequence's newly full, computed blocks into the prefix cache.
+    fn register_full_blocks(allocator: &mut BlockAllocator, seq: &mut Sequence, bs: usize) {
+        while seq.block_hashes.len() < seq.num_computed / bs {
+            let i = seq.block_hashes.len();
+            let h = block_hash(
+                seq.block_hashes.last().copied(),
+                &seq.tokens[i * bs..(i + 1) * bs],
+            );
+            seq.block_hashes.push(h);
+            allocator.register(seq.block_table[i], h);
+        }
+    }
+
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks at once.
     pub fn remove(&mut self, id: SeqId) {
         let Some(seq) = self.seqs.remove(&id) else {
@@ -254,26 +280,19 @@ impl Scheduler {
     }
 
     /// Marks the chunks of `step` as computed (call after a successful forward pass) and
-    /// registers the blocks they filled in the prefix cache.
+    /// registers the blocks they filled in the prefix cache; drafted positions wait for
+    /// [`Self::accept_draft`].
     pub fn commit(&mut self, step: &ScheduledStep) {
         let bs = self.cfg.block_size;
-        for (id, chunk) in step.seq_ids.iter().zip(&step.batch.seqs) {
+        for (i, (id, chunk)) in step.seq_ids.iter().zip(&step.batch.seqs).enumerate() {
             let Some(seq) = self.seqs.get_mut(id) else {
                 continue;
             };
-            seq.num_computed = chunk.context_len();
+            seq.num_computed = chunk.context_len() - step.draft_len(i);
             if seq.num_computed >= seq.prompt_len {
                 seq.wants_prompt_logits = false;
             }
-            while seq.block_hashes.len() < seq.num_computed / bs {
-                let i = seq.block_hashes.len();
-                let h = block_hash(
-                    seq.block_hashes.last().copied(),
-                    &seq.tokens[i * bs..(i + 1) * bs],
-                );
-                seq.block_hashes.push(h);
-                self.allocator.register(seq.block_table[i], h);
-            }
+            Self::register_full_blocks(&mut self.allocator, seq, bs);
         }
     }
 
@@ -337,19 +356,23 @@ impl Scheduler {
         }
     }
 
-    fn chunk_for(&self, id: SeqId, num_tokens: usize) -> SeqChunk {
+    /// The chunk of `num_tokens` uncomputed tokens, followed by the first `drafted` tokens of
+    /// the sequence's draft (whose every position's logits come back to verify it).
+    fn chunk_for(&self, id: SeqId, num_tokens: usize, drafted: usize) -> SeqChunk {
         let seq = &self.seqs[&id];
         let start = seq.num_computed;
         let end = start + num_tokens;
-        let logits = if seq.wants_prompt_logits {
+        let logits = if seq.wants_prompt_logits || drafted > 0 {
             LogitsWanted::All
         } else if end == seq.tokens.len() {
             LogitsWanted::Last
         } else {
             LogitsWanted::None
         };
+        let mut tokens = seq.tokens[start..end].to_vec();
+        tokens.extend_from_slice(&seq.draft[..drafted]);
         SeqChunk {
-            tokens: seq.tokens[start..end].to_vec(),
+            tokens,
             start_pos: start,
             block_table: seq.block_table.clone(),
             logits,
@@ -450,10 +473,12 @@ impl Scheduler {
             if preempted_self {
                 continue;
             }
-            self.grow(id, new_len, &mut step.copies);
-            step.batch.seqs.push(self.chunk_for(id, n));
+            let drafted = self.draft_room(id, new_len, budget - n - reserve.min(budget - n));
+            self.grow(id, new_len + drafted, &mut step.copies);
+            step.batch.seqs.push(self.chunk_for(id, n, drafted));
             step.seq_ids.push(id);
-            budget -= n;
+            step.draft_lens.push(drafted);
+            budget -= n + drafted;
         }
 
         // 2. Waiting sequences, strictly FCFS; a sequence to be forked needs a slot for each
@@ -498,9 +523,13 @@ impl Scheduler {
             seq.block_hashes = hit_hashes;
             seq.num_computed = cached_len;
             self.grow(id, cached_len + n, &mut step.copies);
-            step.batch.seqs.push(self.chunk_for(id, n));
+            step.batch.seqs.push(self.chunk_for(id, n, 0));
             step.seq_ids.push(id);
+            step.draft_lens.push(0);
             budget -= n;
+        }
+        for seq in self.seqs.values_mut() {
+            seq.draft.clear(); // a draft is for this step only
         }
         step
     }
@@ -536,6 +565,8 @@ impl Scheduler {
         }
     }
 }
+
+mod drafts;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

@@ -4,7 +4,8 @@
 //! Invariants: `num_computed <= tokens.len()`; `block_table` covers at least the first
 //! `num_computed` positions (`block_table.len() * block_size >= num_computed`); `block_hashes[i]`
 //! is the chained hash of full block `i` and exists only for blocks whose every position is
-//! computed; a waiting sequence holds no blocks and has `num_computed == 0`.
+//! computed; a waiting sequence holds no blocks and has `num_computed == 0`; a draft is only
+//! proposed for a running sequence with one uncomputed token, and lives until the next schedule.
 
 use crate::kv::prefix_cache::BlockHash;
 
@@ -44,6 +45,8 @@ pub struct Sequence {
     /// Sequences this one will be forked into once its prompt is computed (`best_of - 1`):
     /// slots of `max_num_seqs` held for them from admission on; 0 after the fork.
     pub reserved_forks: usize,
+    /// Tokens drafted to follow `tokens` (speculative decoding), verified in the next step.
+    pub draft: Vec<u32>,
 }
 
 impl Sequence {
@@ -60,6 +63,7 @@ impl Sequence {
             status: SeqStatus::Waiting,
             wants_prompt_logits,
             reserved_forks: 0,
+            draft: Vec::new(),
         }
     }
 

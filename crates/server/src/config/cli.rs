@@ -151,6 +151,14 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub batch_invariant: Option<bool>,
+    /// Speculative decoding, as vLLM spells it: '{"method":"ngram","num_speculative_tokens":K,"prompt_lookup_max":N,"prompt_lookup_min":M}' drafts up to K tokens per step by finding the sequence's last N..M tokens earlier in its prompt or output, and keeps those the model agrees with (the output is unchanged: bitwise with --batch-invariant). Helps where output repeats its input (quoting, editing, code, summaries); lookup bounds default to 5; drafts are held back when the batch keeps the CPU busy anyway, or, with "disable_by_batch_size":B, once B sequences decode [default: off].
+    #[arg(
+        long,
+        env = "MPT_SERVER_SPECULATIVE_CONFIG",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub speculative_config: Option<String>,
     /// CPU worker threads for the model [default: physical cores].
     #[arg(
         long,

@@ -12,14 +12,16 @@ use std::time::Duration;
 use clap::Parser;
 use mpt_engine::{
     AttentionKernels, DTypeSpec, DeviceSpec, EngineConfig, FaultPlan, KvCacheDtype, KvCacheSize,
-    LoadFormat, ModelSource, Quantization,
+    LoadFormat, ModelSource, NgramSpeculation, Quantization,
 };
 use serde::Deserialize;
 
 mod cli;
+mod speculative;
 mod values;
 
 pub use cli::Cli;
+pub use speculative::SpeculativeSpec;
 pub use values::parse_size;
 use values::*;
 
@@ -101,6 +103,8 @@ pub struct FileConfig {
     pub attention_kernels: Option<String>,
     /// See `--batch-invariant`.
     pub batch_invariant: Option<bool>,
+    /// See `--speculative-config` (a table here).
+    pub speculative_config: Option<SpeculativeSpec>,
     /// See `--threads`.
     pub threads: Option<usize>,
     /// See `--api-key`.
@@ -175,6 +179,8 @@ pub struct ServerConfig {
     pub attention_kernels: AttentionKernels,
     /// Bitwise batch-invariant forward pass on the CPU.
     pub batch_invariant: bool,
+    /// N-gram speculative decoding, when on.
+    pub speculative: Option<NgramSpeculation>,
     /// CPU threads.
     pub threads: Option<usize>,
     /// API key for /v1/*.
@@ -240,6 +246,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("load_format", &self.load_format)
             .field("attention_kernels", &self.attention_kernels)
             .field("batch_invariant", &self.batch_invariant)
+            .field("speculative", &self.speculative)
             .field("threads", &self.threads)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("max_queue_size", &self.max_queue_size)
@@ -399,6 +406,18 @@ impl ServerConfig {
         if let Some(t) = threads {
             positive("--threads", t)?;
         }
+        let speculative_spec = match cli.speculative_config.as_deref().map(str::trim) {
+            // Empty or null (e.g. an env var templated to nothing): off, as not giving it.
+            Some("" | "null") => None,
+            Some(json) => {
+                Some(SpeculativeSpec::from_json(json).map_err(invalid("--speculative-config"))?)
+            }
+            None => file.speculative_config,
+        };
+        let speculative = speculative_spec
+            .map(|spec| spec.resolve())
+            .transpose()
+            .map_err(invalid("--speculative-config"))?;
         Ok(Self {
             model,
             served_model_name,
@@ -439,6 +458,7 @@ impl ServerConfig {
                 .batch_invariant
                 .or(file.batch_invariant)
                 .unwrap_or(defaults.batch_invariant),
+            speculative,
             threads,
             api_key: cli.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             max_queue_size: cli
@@ -482,6 +502,7 @@ impl ServerConfig {
             load_format: self.load_format,
             attention_kernels: self.attention_kernels,
             batch_invariant: self.batch_invariant,
+            speculative: self.speculative,
             gpu_memory_utilization: self.gpu_memory_utilization,
             faults: self.faults,
         }

@@ -241,3 +241,55 @@ fn kv_cache_dtype_comes_from_flag_env_name_or_file_and_bad_names_list_the_valid_
     );
     assert!(text.contains("auto, f32, f16, bf16"), "{text}");
 }
+
+#[test]
+fn speculative_config_comes_from_the_flag_or_a_file_table_and_is_refused_by_name() {
+    let off = ServerConfig::resolve(Cli::default(), FileConfig::default()).expect("valid");
+    assert_eq!(off.engine_config().speculative, None);
+    let want = Some(NgramSpeculation {
+        num_speculative_tokens: 4,
+        prompt_lookup_max: 3,
+        prompt_lookup_min: 1,
+        disable_by_batch_size: None,
+    });
+    let json = r#"{"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":3,"prompt_lookup_min":1}"#;
+    let cli = Cli::try_parse_from(["mpt-server", "--speculative-config", json]).expect("valid");
+    let c = ServerConfig::resolve(cli, FileConfig::default()).expect("valid");
+    assert_eq!(c.engine_config().speculative, want);
+    let file = parse_file(
+        "[speculative_config]\nmethod = \"ngram\"\nnum_speculative_tokens = 4\n\
+         prompt_lookup_max = 3\nprompt_lookup_min = 1\n",
+    )
+    .expect("valid");
+    let from_file = ServerConfig::resolve(Cli::default(), file.clone()).expect("valid");
+    assert_eq!(from_file.speculative, want);
+    // An empty flag (a templated env var left blank) turns a file's setting off.
+    let cli = Cli::try_parse_from(["mpt-server", "--speculative-config", ""]).expect("valid");
+    assert_eq!(
+        ServerConfig::resolve(cli, file).expect("valid").speculative,
+        None
+    );
+    let err = parse_file("[speculative_config]\nmethod = \"ngram\"\nlookahead = 2\n")
+        .expect_err("unknown key");
+    assert!(err.contains("lookahead"), "{err}");
+    for (json, needle) in [
+        (
+            r#"{"method":"eagle","num_speculative_tokens":2}"#,
+            "supported: ngram",
+        ),
+        (
+            r#"{"method":"ngram","num_speculative_tokens":99}"#,
+            "between 1 and 32",
+        ),
+        ("{", "expected e.g."),
+    ] {
+        let cli =
+            Cli::try_parse_from(["mpt-server", "--speculative-config", json]).expect("parses");
+        let err = ServerConfig::resolve(cli, FileConfig::default()).expect_err(json);
+        let text = err.to_string();
+        assert!(
+            text.contains("--speculative-config") && text.contains(needle),
+            "{text}"
+        );
+    }
+}
