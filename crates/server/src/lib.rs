@@ -334,6 +334,11 @@ async fn serve(
                         continue;
                     }
                 };
+                // Streamed tokens are small writes: with Nagle's algorithm one written while
+                // the previous is unacknowledged waits for the client's delayed ACK (~40 ms).
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
                 let service = TowerToHyperService::new(router.clone());
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
