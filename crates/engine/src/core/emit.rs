@@ -159,7 +159,7 @@ impl Engine {
         vocab: usize,
         drafted: usize,
     ) {
-        let Some(&(key, _)) = self.owner.get(&id) else {
+        let Some(&(key, own_slot)) = self.owner.get(&id) else {
             return;
         };
         let seq_len = self.sched.get(id).map_or(0, |s| s.tokens.len());
@@ -186,12 +186,10 @@ impl Engine {
             return; // a prompt chunk that is not the last one
         }
         if drafted > 0 {
-            let slot = self.owner[&id].1;
             let draft = &chunk.tokens[chunk.tokens.len() - drafted..];
-            if let Err(failure) = self.verify_draft(key, slot, draft, rows, vocab) {
-                self.fail(key, failure);
-            } else if self.requests.get(&key).is_some_and(Request::all_finished) {
-                self.complete(key);
+            match self.verify_draft(key, own_slot, draft, rows, vocab) {
+                Ok(()) => self.complete_if_finished(key),
+                Err(failure) => self.fail(key, failure),
             }
             return;
         }
@@ -213,7 +211,7 @@ impl Engine {
             return;
         }
         let slots: Vec<usize> = if req.forked {
-            vec![self.owner[&id].1]
+            vec![own_slot]
         } else {
             req.forked = true;
             let extra = req.req.best_of - 1;
@@ -238,6 +236,11 @@ impl Engine {
                 return;
             }
         }
+        self.complete_if_finished(key);
+    }
+
+    /// Completes a request once every choice has finished.
+    fn complete_if_finished(&mut self, key: u64) {
         if self.requests.get(&key).is_some_and(Request::all_finished) {
             self.complete(key);
         }

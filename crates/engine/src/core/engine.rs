@@ -262,7 +262,6 @@ impl Engine {
             );
         }
         let now = Instant::now();
-        let started = now;
         for id in &step.seq_ids {
             if let Some(&(key, _)) = self.owner.get(id)
                 && let Some(req) = self.requests.get_mut(&key)
@@ -307,7 +306,7 @@ impl Engine {
             row += n;
             self.process_chunk(id, chunk, block, vocab, step.draft_len(i));
         }
-        self.observe_step_cost(&step, started.elapsed().as_secs_f64());
+        self.observe_step_cost(&step, now.elapsed().as_secs_f64());
     }
 
     /// Applies the step's block copies and runs the forward pass, catching panics.

@@ -32,29 +32,24 @@ impl Engine {
         let Some(proposer) = self.proposer else {
             return;
         };
+        // One pass: the step's decoding sequences and prompt rows (what the cost model weighs
+        // drafts against), and the drafts proposed, each with where its choice lives.
         let mut drafts = Vec::new();
-        let (mut tokens, mut rows) = (0.0, 0.0);
-        for req in self.requests.values().filter(|r| r.forked) {
-            for choice in req.choices.iter().filter(|c| c.finish.is_none()) {
-                if let Some(seq) = self.sched.get(choice.seq)
-                    && seq.status == SeqStatus::Running
-                {
-                    let uncomputed = seq.num_uncomputed() as f64;
-                    tokens += f64::from(u8::from(uncomputed == 1.0));
-                    rows += uncomputed;
-                }
-            }
-        }
-        rows = rows.min(self.sched.config().max_num_batched_tokens as f64);
-        for req in self.requests.values_mut().filter(|r| r.forked) {
+        let (mut decoding, mut rows) = (0usize, 0usize);
+        for (&key, req) in self.requests.iter_mut().filter(|(_, r)| r.forked) {
             let max_tokens = req.req.stop.max_tokens;
-            for choice in req.choices.iter_mut().filter(|c| c.finish.is_none()) {
+            for (slot, choice) in req.choices.iter_mut().enumerate() {
                 let Some(seq) = self.sched.get(choice.seq) else {
                     continue;
                 };
-                if seq.status != SeqStatus::Running || seq.num_uncomputed() != 1 {
+                if choice.finish.is_some() || seq.status != SeqStatus::Running {
                     continue;
                 }
+                rows += seq.num_uncomputed();
+                if seq.num_uncomputed() != 1 {
+                    continue;
+                }
+                decoding += 1;
                 // The token this step samples anyway is not drafted: room for one less.
                 let room = max_tokens.saturating_sub(choice.num_tokens + 1);
                 if room == 0 || !choice.drafting.may_draft() {
@@ -63,38 +58,34 @@ impl Engine {
                 let room = choice.drafting.draft_len(room.min(proposer.max_len()));
                 let draft = proposer.propose(&seq.tokens, room);
                 if !draft.is_empty() {
-                    drafts.push((f64::from(choice.drafting.acceptance()), choice.seq, draft));
+                    let acceptance = f64::from(choice.drafting.acceptance());
+                    drafts.push((acceptance, choice.seq, (key, slot), draft));
                 }
             }
         }
         drafts.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let free_rows = self.step_cost.free_rows();
         let by_batch_size = proposer.disable_by_batch_size();
-        let mut withheld = Vec::new();
-        for (acceptance, id, draft) in drafts {
+        let mut tokens = decoding as f64;
+        let mut rows = rows.min(self.sched.config().max_num_batched_tokens) as f64;
+        for (acceptance, id, (key, slot), draft) in drafts {
             let pays = match by_batch_size {
-                Some(limit) => (tokens as usize) < limit,
+                Some(limit) => decoding < limit,
                 None => draft_pays(acceptance, tokens, rows, free_rows),
             };
             if !pays {
-                withheld.push(id);
-                continue;
-            }
-            if by_batch_size.is_none() {
-                tokens += acceptance * draft.len() as f64;
-            }
-            rows += draft.len() as f64;
-            self.sched.set_draft(id, draft);
-        }
-        for id in withheld {
-            if let Some(&(key, slot)) = self.owner.get(&id)
-                && let Some(choice) = self
+                if let Some(choice) = self
                     .requests
                     .get_mut(&key)
                     .and_then(|r| r.choices.get_mut(slot))
-            {
-                choice.drafting.withheld();
+                {
+                    choice.drafting.withheld();
+                }
+                continue;
             }
+            tokens += acceptance * draft.len() as f64;
+            rows += draft.len() as f64;
+            self.sched.set_draft(id, draft);
         }
     }
 

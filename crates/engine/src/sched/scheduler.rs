@@ -473,7 +473,7 @@ impl Scheduler {
             if preempted_self {
                 continue;
             }
-            let drafted = self.draft_room(id, new_len, budget - n - reserve.min(budget - n));
+            let drafted = self.draft_room(id, new_len, (budget - n).saturating_sub(reserve));
             self.grow(id, new_len + drafted, &mut step.copies);
             step.batch.seqs.push(self.chunk_for(id, n, drafted));
             step.seq_ids.push(id);
