@@ -21,30 +21,13 @@ PORT=${BENCH_PORT:-18730}
 SPEC=${BENCH_SPEC:-'{"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":3,"prompt_lookup_min":1}'}
 BENCH=$ROOT/target/release/mpt-bench
 SERVER=$ROOT/target/release/mpt-server
-mkdir -p "$OUT" "$MODEL"
+mkdir -p "$OUT"
 
-# The shape of bench/make_checkpoint.py's default (d_model 768, 12 heads, 12 layers).
-cat >"$MODEL/config.json" <<'JSON'
-{"architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 768, "n_heads": 12,
- "n_layers": 12, "expansion_ratio": 4, "max_seq_len": 2048, "vocab_size": 50432,
- "no_bias": true, "norm_type": "low_precision_layernorm", "layer_norm_epsilon": 1e-05,
- "logit_scale": null, "learned_pos_emb": true, "tie_word_embeddings": true,
- "attn_config": {"alibi": true, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
-   "attn_type": "multihead_attention", "attn_uses_sequence_id": false, "clip_qkv": null,
-   "prefix_lm": false, "qk_ln": false, "softmax_scale": null}}
-JSON
-cp "$ROOT/crates/engine/assets/demo/tokenizer.json" "$MODEL/tokenizer.json"
+# shellcheck source=bench/dummy-server.sh
+source "$ROOT/bench/dummy-server.sh"
+write_dummy_125m "$MODEL"
 (cd "$ROOT" && cargo build --release -q -p mpt-server -p mpt-bench)
 
-SERVER_PID=
-stop_server() {
-  if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID"
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=
-}
-trap stop_server EXIT INT TERM
 start_server() { # mode (plain|spec), server flags...
   local mode=$1
   shift
@@ -53,12 +36,7 @@ start_server() { # mode (plain|spec), server flags...
   "$SERVER" "$@" "${extra[@]}" --threads "$THREADS" --max-num-seqs "$PARALLEL" \
     --host 127.0.0.1 --port "$PORT" >>"$OUT/server.log" 2>&1 &
   SERVER_PID=$!
-  for _ in $(seq 1 120); do
-    curl -sf -o /dev/null "http://127.0.0.1:$PORT/ready" && return 0
-    sleep 1
-  done
-  echo "server not ready: see $OUT/server.log" >&2
-  exit 1
+  wait_ready "$PORT" "$OUT/server.log"
 }
 # One workload on both servers, plain first then speculative, twice: name, model name,
 # server flags (one string), mpt-bench flags...
