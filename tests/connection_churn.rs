@@ -28,13 +28,7 @@ fn alive_tasks() -> usize {
 async fn a_thousand_connect_close_cycles_leak_nothing() {
     let server = start(|_| {}).await;
     // One real request first, so that lazily created state (pools, metrics) exists already.
-    let (status, _) = post(
-        &server,
-        "/v1/completions",
-        json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_serves(&server).await;
     wait_idle(&server).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (fds, tasks) = (open_fds(), alive_tasks());

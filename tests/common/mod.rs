@@ -10,7 +10,7 @@ use futures::StreamExt;
 use mpt_engine::KvCacheSize;
 use mpt_server::RunningServer;
 use mpt_server::config::ServerConfig;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The demo model's served name.
 pub const MODEL: &str = "mpt-demo";
@@ -215,4 +215,12 @@ pub async fn drain(response: reqwest::Response) -> String {
         out.extend_from_slice(&chunk.expect("read"));
     }
     String::from_utf8(out).expect("utf-8")
+}
+
+/// Asserts that a small completion still gets a 200 (the server serves after whatever came
+/// before).
+pub async fn assert_serves(server: &RunningServer) {
+    let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 2});
+    let (status, reply) = post(server, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{reply}");
 }
