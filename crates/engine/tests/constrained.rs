@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::request;
+use common::{all_at_once, one_by_one, request};
 use std::time::{Duration, Instant};
 
 use mpt_engine::{
@@ -146,10 +146,7 @@ fn preemption_keeps_grammar_state_and_neighbours_unchanged() {
         })
         .collect();
     let roomy = engine(|c| c.block_size = 4);
-    let expected: Vec<_> = reqs
-        .iter()
-        .map(|r| collect(roomy.submit(r.clone()).expect("ok")))
-        .collect();
+    let expected: Vec<_> = one_by_one(&roomy, &reqs, collect);
     for (r, out) in reqs.iter().zip(&expected) {
         if r.constraint.is_some() {
             let text = &out[0].0;
@@ -164,11 +161,7 @@ fn preemption_keeps_grammar_state_and_neighbours_unchanged() {
         c.kv_cache = KvCacheSize::Blocks(14);
         c.max_model_len = Some(56); // the pool must hold one full-length sequence
     });
-    let streams: Vec<EventStream> = reqs
-        .iter()
-        .map(|r| tight.submit(r.clone()).expect("ok"))
-        .collect();
-    let got: Vec<_> = streams.into_iter().map(collect).collect();
+    let got: Vec<_> = all_at_once(&tight, &reqs, collect);
     assert_eq!(got, expected);
     assert!(tight.stats().num_preemptions > 0, "{:?}", tight.stats());
     let start = Instant::now();

@@ -18,17 +18,10 @@ fn solo_and_batched(
     reqs: &[GenerateRequest],
 ) -> (Vec<Output>, Vec<Output>) {
     let alone = make();
-    let solo: Vec<Output> = reqs
-        .iter()
-        .map(|r| collect(alone.submit(r.clone()).expect("accepted")))
-        .collect();
+    let solo: Vec<Output> = one_by_one(&alone, reqs, collect);
     drop(alone);
     let together = make();
-    let streams: Vec<EventStream> = reqs
-        .iter()
-        .map(|r| together.submit(r.clone()).expect("accepted"))
-        .collect();
-    let batched = streams.into_iter().map(collect).collect();
+    let batched = all_at_once(&together, reqs, collect);
     let stats = together.stats();
     assert_eq!(
         stats.prefix_cache_hits, 0,
@@ -142,20 +135,13 @@ fn tiny_kv_pool_preempts_and_still_gives_unloaded_outputs() {
         })
         .collect();
     let roomy = engine(|c| c.block_size = 4);
-    let expected: Vec<Output> = reqs
-        .iter()
-        .map(|r| collect(roomy.submit(r.clone()).expect("ok")))
-        .collect();
+    let expected: Vec<Output> = one_by_one(&roomy, &reqs, collect);
     let tight = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(14);
         c.max_model_len = Some(56);
     });
-    let streams: Vec<EventStream> = reqs
-        .iter()
-        .map(|r| tight.submit(r.clone()).expect("ok"))
-        .collect();
-    let got: Vec<Output> = streams.into_iter().map(collect).collect();
+    let got: Vec<Output> = all_at_once(&tight, &reqs, collect);
     assert_eq!(got, expected);
     let stats = tight.stats();
     assert!(stats.num_preemptions > 0, "{stats:?}");
@@ -173,16 +159,10 @@ fn shared_prefix_hits_the_cache_without_changing_outputs() {
         })
         .collect();
     let cold = engine(|c| c.enable_prefix_caching = false);
-    let expected: Vec<Output> = reqs
-        .iter()
-        .map(|r| collect(cold.submit(r.clone()).expect("ok")))
-        .collect();
+    let expected: Vec<Output> = one_by_one(&cold, &reqs, collect);
     assert_eq!(cold.stats().prefix_cache_hits, 0);
     let warm = engine(|c| c.block_size = 8);
-    let got: Vec<Output> = reqs
-        .iter()
-        .map(|r| collect(warm.submit(r.clone()).expect("ok")))
-        .collect();
+    let got: Vec<Output> = one_by_one(&warm, &reqs, collect);
     assert_eq!(got, expected);
     let stats = warm.stats();
     // 40 shared tokens = 5 full blocks of 8, reused by the 3 later requests.
@@ -348,11 +328,7 @@ fn decode_throughput_demo_model() {
             .map(|i| request(prompt(900 + i as u32, 128), 128))
             .collect();
         let start = Instant::now();
-        let streams: Vec<EventStream> = reqs
-            .iter()
-            .map(|r| e.submit(r.clone()).expect("ok"))
-            .collect();
-        let outputs: Vec<Output> = streams.into_iter().map(collect).collect();
+        let outputs: Vec<Output> = all_at_once(&e, &reqs, collect);
         let secs = start.elapsed().as_secs_f64();
         let tokens: usize = outputs.iter().map(|o| o.tokens[0].len()).sum();
         println!(

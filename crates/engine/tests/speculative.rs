@@ -74,15 +74,8 @@ fn ngram(k: usize, min: usize, max: usize) -> Option<NgramSpeculation> {
 
 /// The requests one at a time, then all at once, on one engine; and the stats after both.
 fn run(engine: &EngineHandle, reqs: &[GenerateRequest]) -> (Vec<Exact>, Vec<Exact>) {
-    let solo = reqs
-        .iter()
-        .map(|r| collect_exact(engine.submit(r.clone()).expect("accepted")))
-        .collect();
-    let streams: Vec<EventStream> = reqs
-        .iter()
-        .map(|r| engine.submit(r.clone()).expect("accepted"))
-        .collect();
-    let batched = streams.into_iter().map(collect_exact).collect();
+    let solo = one_by_one(engine, reqs, collect_exact);
+    let batched = all_at_once(engine, reqs, collect_exact);
     wait_until(engine, "idle", |s| {
         s.kv_blocks_used == 0 && s.num_running == 0
     });
@@ -237,21 +230,14 @@ fn speculation_under_a_grammar_and_through_preemption_changes_nothing() {
         .map(|i| request(prompts[i % prompts.len()].clone(), 30))
         .collect();
     let roomy = engine(|c| c.block_size = 4);
-    let want: Vec<Exact> = reqs
-        .iter()
-        .map(|r| collect_exact(roomy.submit(r.clone()).expect("accepted")))
-        .collect();
+    let want: Vec<Exact> = one_by_one(&roomy, &reqs, collect_exact);
     let tight = engine(|c| {
         c.block_size = 4;
         c.kv_cache = KvCacheSize::Blocks(20);
         c.max_model_len = Some(64);
         c.speculative = ngram(4, 1, 3);
     });
-    let streams: Vec<EventStream> = reqs
-        .iter()
-        .map(|r| tight.submit(r.clone()).expect("accepted"))
-        .collect();
-    let got: Vec<Exact> = streams.into_iter().map(collect_exact).collect();
+    let got: Vec<Exact> = all_at_once(&tight, &reqs, collect_exact);
     assert_eq!(got, want);
     let stats = tight.stats();
     assert!(

@@ -125,3 +125,27 @@ pub fn fixture_dir(name: &str) -> std::path::PathBuf {
     .expect("copy");
     dst
 }
+
+/// Submits each request and reads it to the end before the next (each runs alone).
+pub fn one_by_one<T>(
+    engine: &EngineHandle,
+    reqs: &[GenerateRequest],
+    read: impl Fn(EventStream) -> T,
+) -> Vec<T> {
+    reqs.iter()
+        .map(|r| read(engine.submit(r.clone()).expect("accepted")))
+        .collect()
+}
+
+/// Submits every request at once, then reads each to the end (they run batched).
+pub fn all_at_once<T>(
+    engine: &EngineHandle,
+    reqs: &[GenerateRequest],
+    read: impl Fn(EventStream) -> T,
+) -> Vec<T> {
+    let streams: Vec<EventStream> = reqs
+        .iter()
+        .map(|r| engine.submit(r.clone()).expect("accepted"))
+        .collect();
+    streams.into_iter().map(read).collect()
+}
