@@ -3,17 +3,15 @@
 //! 16 f32 lanes; elsewhere bf16 is widened to f32 in registers (a 16-bit shift) and multiplied
 //! with ordinary FMAs. Nothing is converted ahead of the call: the weights are read as stored.
 //!
-//! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode, 4 × 4 otherwise;
-//! weight rows split over rayon threads. Invariant: the AVX512-BF16 path runs only when
+//! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode (prefetching the
+//! rows two tiles ahead), 4 × 4 otherwise; weight rows split over threads by
+//! [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the AVX512-BF16 path runs only when
 //! [`Bf16Dot::detect`] found the instructions.
 
 use half::bf16;
-use rayon::prelude::*;
 
 use super::isa::{Isa, detect_isa, with_isa};
-
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
+use super::row_split::{Columns, par_columns};
 
 /// Which bf16 dot-product code runs; only [`Bf16Dot::detect`] makes the SIMD one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,28 +61,18 @@ pub(crate) fn bf16_matmul_nt(
         x.len() == m * k && w.len() == n * k,
         "bf16_matmul_nt: shapes"
     );
-    let mut out_t = vec![0f32; n * m];
-    if k > 0 {
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .zip(w.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, rows)| match dot {
-                // SAFETY: an `Avx512Bf16` exists only once AVX-512 F/BW/BF16 were detected.
-                #[cfg(target_arch = "x86_64")]
-                Bf16Dot::Avx512Bf16 => unsafe { x86::rows(rows, x, m, k, out) },
-                Bf16Dot::Widen(isa) => with_isa(isa, || widen_rows(rows, x, m, k, out)),
-            });
+    if k == 0 {
+        return vec![0f32; m * n];
     }
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            out[i * n + j] = v;
+    par_columns(m, n, 2 * k, |cols| {
+        let rows = &w[cols.first() * k..][..cols.len() * k];
+        match dot {
+            // SAFETY: an `Avx512Bf16` exists only once AVX-512 F/BW/BF16 were detected.
+            #[cfg(target_arch = "x86_64")]
+            Bf16Dot::Avx512Bf16 => unsafe { x86::rows(rows, x, m, k, cols) },
+            Bf16Dot::Widen(isa) => with_isa(isa, || widen_rows(rows, x, m, k, cols)),
         }
-    }
-    out
+    })
 }
 
 /// bf16 → f32 is a 16-bit shift: the compiler turns the loop into vector shifts and FMAs.
@@ -93,9 +81,9 @@ fn widen(v: bf16) -> f32 {
     f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
-/// `out[r * m + c] = w_r · x_c`, widening in registers.
+/// Output `(c, r)` = `w_r · x_c`, widening in registers.
 #[inline(always)]
-fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: &mut [f32]) {
+fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns) {
     const LANES: usize = 16;
     for (r, wr) in w.chunks_exact(k).enumerate() {
         for c in 0..m {
@@ -113,7 +101,7 @@ fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: &mut [f32]) {
                     acc[l] += widen(a[l]) * widen(b[l]);
                 }
             }
-            out[r * m + c] = acc.iter().sum::<f32>() + tail;
+            out.set(c, r, acc.iter().sum::<f32>() + tail);
         }
     }
 }
@@ -125,21 +113,23 @@ mod x86 {
 
     use half::bf16;
 
-    use super::widen;
+    use super::{Columns, widen};
+    use crate::kernels::cpu::lane_sums::x86::store_tile;
+    use crate::kernels::cpu::prefetch::{LINE, prefetch_l2_range};
 
     /// bf16 values per 512-bit register.
     const WIDTH: usize = 32;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: &mut [f32]) {
+    pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns) {
         let rows = w.len() / k;
-        assert!(x.len() >= m * k && out.len() >= rows * m);
+        assert!(x.len() >= m * k && out.len() >= rows);
         let mut r = 0;
         // SAFETY (all calls): features enabled here; the assert bounds every row.
         unsafe {
             if m == 1 {
                 while r + 8 <= rows {
-                    tile::<8, 1>(w, r, x, 0, m, k, out);
+                    tile::<8, 1>(w, r, x, 0, k, out);
                     r += 8;
                 }
             }
@@ -161,17 +151,17 @@ mod x86 {
         x: &[bf16],
         m: usize,
         k: usize,
-        out: &mut [f32],
+        out: Columns,
     ) {
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
         unsafe {
             while c + 4 <= m {
-                tile::<RA, 4>(w, r0, x, c, m, k, out);
+                tile::<RA, 4>(w, r0, x, c, k, out);
                 c += 4;
             }
             while c < m {
-                tile::<RA, 1>(w, r0, x, c, m, k, out);
+                tile::<RA, 1>(w, r0, x, c, k, out);
                 c += 1;
             }
         }
@@ -185,17 +175,21 @@ mod x86 {
         r0: usize,
         x: &[bf16],
         c0: usize,
-        m: usize,
         k: usize,
-        out: &mut [f32],
+        out: Columns,
     ) {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= k`, inside rows r0 + r and
         // c0 + c, which the callers keep inside `w` and `x`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); RB]; RA];
+            // Decode: the rows two tiles ahead into L2 while this one computes (as in `q8_0`).
+            let next = wp.wrapping_add((r0 + 2 * RA) * k).cast::<u8>();
             let mut i = 0;
             while i + WIDTH <= k {
+                if RB == 1 {
+                    prefetch_l2_range(next.wrapping_add(i / WIDTH * RA * LINE), RA * LINE);
+                }
                 let mut wv = [_mm512_setzero_si512(); RA];
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = _mm512_loadu_si512(wp.add((r0 + r) * k + i).cast());
@@ -213,12 +207,15 @@ mod x86 {
                 }
                 i += WIDTH;
             }
-            for r in 0..RA {
-                for c in 0..RB {
-                    let tail: f32 = (i..k)
-                        .map(|j| widen(w[(r0 + r) * k + j]) * widen(x[(c0 + c) * k + j]))
-                        .sum();
-                    out[(r0 + r) * m + c0 + c] = _mm512_reduce_add_ps(acc[r][c]) + tail;
+            store_tile(&acc, out, r0, c0);
+            if i < k {
+                for r in 0..RA {
+                    for c in 0..RB {
+                        let tail: f32 = (i..k)
+                            .map(|j| widen(w[(r0 + r) * k + j]) * widen(x[(c0 + c) * k + j]))
+                            .sum();
+                        out.add(c0 + c, r0 + r, tail);
+                    }
                 }
             }
         }

@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use super::isa::{Isa, IsaKind};
+use super::prefetch::prefetch_l2;
 
 /// Weight rows per parallel task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
@@ -113,13 +114,7 @@ const FLOATS_PER_LINE: usize = 16;
 /// Hints the cache to bring the line at `p` into L2; never faults, so `p` may be past the end.
 #[inline(always)]
 fn prefetch(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint that never dereferences or faults.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    prefetch_l2(p.cast());
 }
 
 /// `count` rows of a matrix, each `stride` floats after the previous; the kernels read the first

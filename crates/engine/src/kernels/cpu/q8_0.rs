@@ -17,6 +17,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::row_split::{Columns, par_columns};
+
 #[cfg(test)]
 use super::ggml_scalars::f16_at;
 
@@ -24,8 +26,8 @@ use super::ggml_scalars::f16_at;
 const QK: usize = 32;
 /// Weights per interleaved super-block (8 blocks; 4 register loads of 64 bytes).
 const SUPER: usize = 256;
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// Activation rows from which quantizing them is split over threads.
+const PARALLEL_ACT_ROWS: usize = 8;
 
 /// Which int8 dot-product code runs; only [`Int8Dot::detect`] makes a SIMD one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,35 +146,23 @@ impl Q8Matrix {
     pub(crate) fn matmul(&self, dot: Int8Dot, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "Q8Matrix::matmul: x is not (m, k)");
         let act = QuantizedActs::new(x, m, self.k);
-        let n = self.rows;
-        let mut out_t = vec![0f32; n * m];
         let (k, kb) = (self.k, self.k / QK);
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .zip(self.qs.par_chunks(ROWS_PER_TASK * k))
-            .zip(self.scales.par_chunks(ROWS_PER_TASK * kb))
-            .for_each(|((out, qs), scales)| {
-                let rows = qs.len() / k;
-                let w = WeightRows { qs, scales, k };
-                match dot {
-                    // SAFETY: an `Int8Dot` of this kind exists only once AVX-512 F/BW/VNNI were
-                    // detected at run time.
-                    #[cfg(target_arch = "x86_64")]
-                    Int8Dot::Avx512Vnni => unsafe { x86::rows(w, rows, &act, out) },
-                    Int8Dot::Portable => portable_rows(w, rows, &act, out),
-                }
-                tail_rows(w, rows, &act, out);
-            });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, row) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                out[i * n + j] = v;
+        par_columns(m, self.rows, k + 2 * kb, |cols| {
+            let (first, rows) = (cols.first(), cols.len());
+            let w = WeightRows {
+                qs: &self.qs[first * k..][..rows * k],
+                scales: &self.scales[first * kb..][..rows * kb],
+                k,
+            };
+            match dot {
+                // SAFETY: an `Int8Dot` of this kind exists only once AVX-512 F/BW/VNNI were
+                // detected at run time.
+                #[cfg(target_arch = "x86_64")]
+                Int8Dot::Avx512Vnni => unsafe { x86::rows(w, rows, &act, cols) },
+                Int8Dot::Portable => portable_rows(w, rows, &act, cols),
             }
-        }
-        out
+            tail_rows(w, rows, &act, cols);
+        })
     }
 }
 
@@ -229,10 +219,23 @@ impl QuantizedActs {
             corr: vec![0i32; m * (16 * supers).max(1)],
         };
         let per_scales = 16 * supers + tail;
-        // Rows are independent: prefill chunks have hundreds, so they are split over threads.
+        let corr_per_row = (16 * supers).max(1);
+        // Rows are independent: prefill chunks have hundreds, so they are split over threads;
+        // a decode step's few rows take less than waking the threads would.
+        if m < PARALLEL_ACT_ROWS {
+            for (((qs, scales), corr), xr) in
+                a.qs.chunks_mut(k)
+                    .zip(a.scales.chunks_mut(per_scales))
+                    .zip(a.corr.chunks_mut(corr_per_row))
+                    .zip(x.chunks(k))
+            {
+                quantize_act_row(xr, supers, qs, scales, corr);
+            }
+            return a;
+        }
         a.qs.par_chunks_mut(k)
             .zip(a.scales.par_chunks_mut(per_scales))
-            .zip(a.corr.par_chunks_mut((16 * supers).max(1)))
+            .zip(a.corr.par_chunks_mut(corr_per_row))
             .zip(x.par_chunks(k))
             .for_each(|(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr));
         a
@@ -281,8 +284,8 @@ fn quantize_act_block(x: &[f32], q: &mut [i8; QK]) -> f32 {
     d
 }
 
-/// The super-block part of `out[r * m + c]` for every weight row `r` and activation row `c`.
-fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: &mut [f32]) {
+/// The super-block part of output `(c, r)` for every weight row `r` and activation row `c`.
+fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
     let (k, m) = (w.k, act.m);
     let supers = k / SUPER;
     let per_scales = act.scales.len() / m.max(1);
@@ -310,13 +313,13 @@ fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: &mut 
                     total += (lane + corr[16 * s + j]) as f32 * (dw * xs[16 * s + j]);
                 }
             }
-            out[r * m + c] = total;
+            out.set(c, r, total);
         }
     }
 }
 
-/// Adds the tail blocks (past the last whole super-block) to `out[r * m + c]`.
-fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: &mut [f32]) {
+/// Adds the tail blocks (past the last whole super-block) to output `(c, r)`.
+fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
     let (k, m) = (w.k, act.m);
     let supers = k / SUPER;
     let full = supers * SUPER;
@@ -337,7 +340,7 @@ fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: &mut [f32
                     .sum();
                 total += sum as f32 * (ws[b].to_f32() * xs[t]);
             }
-            out[r * m + c] += total;
+            out.add(c, r, total);
         }
     }
 }
@@ -347,22 +350,19 @@ fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: &mut [f32
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{QK, QuantizedActs, SUPER, WeightRows};
+    use super::{Columns, QK, QuantizedActs, SUPER, WeightRows};
+    use crate::kernels::cpu::lane_sums::x86::store_tile;
+    use crate::kernels::cpu::prefetch::prefetch_l2_range;
 
-    /// Super-block part of `out[r * m + c]`: 8 weight rows at a time against one activation
+    /// How many decode tiles ahead the weights are prefetched.
+    const PREFETCH_TILES: usize = 4;
+
+    /// Super-block part of output `(c, r)`: 8 weight rows at a time against one activation
     /// row (decode), else 4 × 4 tiles; leftovers with narrower tiles.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn rows(
-        w: WeightRows<'_>,
-        rows: usize,
-        act: &QuantizedActs,
-        out: &mut [f32],
-    ) {
-        assert!(
-            w.qs.len() >= rows * w.k && act.qs.len() >= act.m * act.k && out.len() >= rows * act.m
-        );
+    pub(super) unsafe fn rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
+        assert!(w.qs.len() >= rows * w.k && act.qs.len() >= act.m * act.k && out.len() >= rows);
         if w.k < SUPER {
-            out[..rows * act.m].fill(0.0);
             return;
         }
         let m = act.m;
@@ -391,7 +391,7 @@ mod x86 {
         w: WeightRows<'_>,
         r0: usize,
         act: &QuantizedActs,
-        out: &mut [f32],
+        out: Columns,
     ) {
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
@@ -416,7 +416,7 @@ mod x86 {
         r0: usize,
         act: &QuantizedActs,
         c0: usize,
-        out: &mut [f32],
+        out: Columns,
     ) {
         let (k, m) = (w.k, act.m);
         let supers = k / SUPER;
@@ -425,7 +425,19 @@ mod x86 {
         // of `act` (checked by the callers), within its first `supers * 256` bytes.
         unsafe {
             let mut facc = [[_mm512_setzero_ps(); RB]; RA];
+            // Decode reads each weight once: the rows four tiles ahead are fetched into L2 while
+            // this one computes, a super-block's share per step (the hardware prefetcher alone
+            // leaves rows of 768 bytes at half the bandwidth; one tile ahead is too late).
+            let ahead = r0 + PREFETCH_TILES * RA;
+            let next = w.qs.as_ptr().wrapping_add(ahead * k);
+            if RB == 1 {
+                let scales = w.scales.as_ptr().wrapping_add(ahead * (k / QK));
+                prefetch_l2_range(scales.cast(), RA * (k / QK) * 2);
+            }
             for s in 0..supers {
+                if RB == 1 {
+                    prefetch_l2_range(next.wrapping_add(s * RA * SUPER), RA * SUPER);
+                }
                 let mut wsc = [_mm512_setzero_ps(); RA];
                 for (r, v) in wsc.iter_mut().enumerate() {
                     let p = w.scales.as_ptr().add((r0 + r) * (k / QK) + 8 * s);
@@ -452,11 +464,7 @@ mod x86 {
                     }
                 }
             }
-            for r in 0..RA {
-                for c in 0..RB {
-                    out[(r0 + r) * m + c0 + c] = _mm512_reduce_add_ps(facc[r][c]);
-                }
-            }
+            store_tile(&facc, out, r0, c0);
         }
     }
 }
