@@ -5,7 +5,8 @@
 //! A tile holds `RW` weight rows × `RX` activation rows of partial dot products in SIMD
 //! registers; each weight vector loaded is used `RX` times and each activation vector `RW` times,
 //! so the loop is bound by FMAs rather than loads, and each weight row comes from memory once per
-//! call. Weight rows are split over threads; the activations (m × k floats) stay in L2.
+//! call. Weight rows are split over threads (`row_split`), each task writing its columns of the
+//! result in place; the activations (m × k floats) stay in L2.
 //! Invariant: SIMD code here runs only for an [`Isa`] of that kind, and only `detect_isa` makes
 //! one, so it never runs on a CPU without the instruction set.
 //!
@@ -17,13 +18,9 @@
 //! for activation row `r` does not depend on `m`, on `r`'s place in the batch, on the number of
 //! weight rows or on the thread count.
 
-use rayon::prelude::*;
-
 use super::isa::{Isa, IsaKind};
 use super::prefetch::prefetch_l2;
-
-/// Weight rows per parallel task: large enough to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 32;
+use super::row_split::{Columns, par_columns};
 
 /// A SIMD register of f32 lanes: the few operations the tiled kernel needs.
 ///
@@ -39,11 +36,27 @@ trait Lanes: Copy {
     unsafe fn fmadd(a: Self, b: Self, acc: Self) -> Self;
     /// Sum of the lanes.
     unsafe fn sum(self) -> f32;
+    /// Writes a tile's sums: `acc[r][c]` is output `(c0 + c, r0 + r)`.
+    #[inline(always)]
+    unsafe fn store_tile<const RA: usize, const RB: usize>(
+        acc: &[[Self; RB]; RA],
+        out: Columns,
+        r0: usize,
+        c0: usize,
+    ) {
+        for (r, row) in acc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: forwarded from the caller.
+                out.set(c0 + c, r0 + r, unsafe { v.sum() });
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Lanes;
+    use super::{Columns, Lanes};
+    use crate::kernels::cpu::lane_sums::x86 as lane_sums;
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -70,7 +83,21 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn sum(self) -> f32 {
-            _mm512_reduce_add_ps(self.0)
+            // SAFETY: AVX-512 F is enabled here.
+            unsafe { lane_sums::sum1(self.0) }
+        }
+        /// Tiles of 8 × 1 and 4 × 4 summed together (`lane_sums`), in [`Self::sum`]'s order.
+        #[inline(always)]
+        unsafe fn store_tile<const RA: usize, const RB: usize>(
+            acc: &[[Self; RB]; RA],
+            out: Columns,
+            r0: usize,
+            c0: usize,
+        ) {
+            let regs: [[__m512; RB]; RA] =
+                std::array::from_fn(|r| std::array::from_fn(|c| acc[r][c].0));
+            // SAFETY: callers hold AVX-512 F (an `Avx512` exists only then).
+            unsafe { lane_sums::store_tile(&regs, out, r0, c0) }
         }
     }
 
@@ -194,36 +221,25 @@ pub(crate) fn matmul_nt(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: u
 
 /// [`matmul_nt`] for one block of activation rows.
 fn matmul_block(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    // Computed transposed, (n, m), so each task owns a contiguous slice of output.
-    let mut out_t = vec![0f32; n * m];
-    if k > 0 {
-        let x = Rows {
-            data: x,
-            count: m,
-            stride: k,
-        };
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .zip(w.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, rows)| dot_rows(isa, Rows::dense(rows, k), x, k, out));
+    if k == 0 {
+        return vec![0f32; m * n];
     }
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            out[i * n + j] = v;
-        }
-    }
-    out
+    let x = Rows {
+        data: x,
+        count: m,
+        stride: k,
+    };
+    par_columns(m, n, 4 * k, |cols| {
+        let rows = Rows::dense(&w[cols.first() * k..][..cols.len() * k], k);
+        dot_rows(isa, rows, x, k, cols)
+    })
 }
 
-/// `out[i * b.count + j] = a_i · b_j` over the first `k` floats of each row, on this thread.
-/// `a` is streamed once (it is the large operand: weights, or keys); `b` is re-read per tile.
-pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+/// Output `(j, i)` = `a_i · b_j` over the first `k` floats of each row, on this thread: `a` is
+/// streamed once (the large operand, the weights), `b` re-read per tile.
+pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
     assert!(a.holds(k) && b.holds(k), "dot_rows: rows shorter than k");
-    assert!(out.len() >= a.count * b.count, "dot_rows: output too small");
+    assert!(out.len() >= a.count, "dot_rows: output too small");
     match isa.kind() {
         // SAFETY: an `Isa` of this kind exists only once AVX-512F was detected at run time.
         #[cfg(target_arch = "x86_64")]
@@ -240,7 +256,7 @@ pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [
 /// enough independent FMA chains hide the latency.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
     // SAFETY: the features are enabled on this function; `dot_rows` checked the sizes.
     unsafe {
         if b.count == 1 {
@@ -254,7 +270,7 @@ unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
 /// AVX2 has 16 registers: 2 × 4 accumulators plus 2 weight vectors and an activation vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+unsafe fn rows_avx2(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
     // SAFETY: as above.
     unsafe {
         if b.count == 1 {
@@ -271,30 +287,32 @@ unsafe fn a_tiles<V: Lanes, const RA: usize, const RB: usize>(
     a: Rows<'_>,
     b: Rows<'_>,
     k: usize,
-    out: &mut [f32],
+    out: Columns,
 ) {
     let mut r = 0;
     // SAFETY (both calls): forwarded from the caller.
     unsafe {
         while r + RA <= a.count {
-            b_tiles::<V, RA, RB>(a.sub(r, RA), b, k, &mut out[r * b.count..]);
+            b_tiles::<V, RA, RB>(a.sub(r, RA), b, k, out, r);
             r += RA;
         }
         while r < a.count {
-            b_tiles::<V, 1, RB>(a.sub(r, 1), b, k, &mut out[r * b.count..]);
+            b_tiles::<V, 1, RB>(a.sub(r, 1), b, k, out, r);
             r += 1;
         }
     }
 }
 
-/// The `RA` rows of `a` against all rows of `b`, `RB` at a time, prefetching the next `RA` rows
-/// of `a` (they follow in memory) into L2, spread evenly over the passes over `b`.
+/// The `RA` rows of `a` (output columns `r0..`) against all rows of `b`, `RB` at a time,
+/// prefetching the next `RA` rows of `a` (they follow in memory) into L2, spread evenly over the
+/// passes over `b`.
 #[inline(always)]
 unsafe fn b_tiles<V: Lanes, const RA: usize, const RB: usize>(
     a: Rows<'_>,
     b: Rows<'_>,
     k: usize,
-    out: &mut [f32],
+    out: Columns,
+    r0: usize,
 ) {
     let passes = b.count.div_ceil(RB);
     let steps = k / V::WIDTH;
@@ -307,15 +325,15 @@ unsafe fn b_tiles<V: Lanes, const RA: usize, const RB: usize>(
     // SAFETY (all calls): forwarded from the caller.
     unsafe {
         while c + RB <= b.count {
-            tile::<V, RA, RB>(a, b, k, c, out, next.pass(c / RB, steps));
+            tile::<V, RA, RB>(a, b, k, c, (out, r0), next.pass(c / RB, steps));
             c += RB;
         }
         let last = next.pass(c / RB, steps);
         match b.count - c {
             0 => {}
-            1 => tile::<V, RA, 1>(a, b, k, c, out, last),
-            2 => tile::<V, RA, 2>(a, b, k, c, out, last),
-            3 => tile::<V, RA, 3>(a, b, k, c, out, last),
+            1 => tile::<V, RA, 1>(a, b, k, c, (out, r0), last),
+            2 => tile::<V, RA, 2>(a, b, k, c, (out, r0), last),
+            3 => tile::<V, RA, 3>(a, b, k, c, (out, r0), last),
             rest => unreachable!("tile widths are at most 4; {rest} rows left over"),
         }
     }
@@ -351,22 +369,18 @@ impl Prefetch {
     }
 }
 
-/// `out[r * b.count + c0 + c] = a_r · b_(c0 + c)` for `r < RA`, `c < RB`.
+/// Output `(c0 + c, r0 + r)` = `a_r · b_(c0 + c)` for `r < RA`, `c < RB`.
 #[inline(always)]
 unsafe fn tile<V: Lanes, const RA: usize, const RB: usize>(
     a: Rows<'_>,
     b: Rows<'_>,
     k: usize,
     c0: usize,
-    out: &mut [f32],
+    (out, r0): (Columns, usize),
     next: Prefetch,
 ) {
-    let (sa, sb, n) = (a.stride, b.stride, b.count);
-    assert!(
-        a.data.len() >= (RA - 1) * sa + k
-            && b.data.len() >= (c0 + RB - 1) * sb + k
-            && out.len() >= (RA - 1) * n + c0 + RB
-    );
+    let (sa, sb) = (a.stride, b.stride);
+    assert!(a.data.len() >= (RA - 1) * sa + k && b.data.len() >= (c0 + RB - 1) * sb + k);
     let (ap, bp) = (a.data.as_ptr(), b.data[c0 * sb..].as_ptr());
     // SAFETY: the assert above keeps every pointer below inside `a` and `b`: vector loads start
     // at `i` with `i + WIDTH <= k` within a row of at least `k` floats.
@@ -387,19 +401,22 @@ unsafe fn tile<V: Lanes, const RA: usize, const RB: usize>(
             }
             i += V::WIDTH;
         }
-        for r in 0..RA {
-            for c in 0..RB {
-                let tail: f32 = (i..k)
-                    .map(|j| a.data[r * sa + j] * b.data[(c0 + c) * sb + j])
-                    .sum();
-                out[r * n + c0 + c] = acc[r][c].sum() + tail;
+        V::store_tile(&acc, out, r0, c0);
+        if i < k {
+            for r in 0..RA {
+                for c in 0..RB {
+                    let tail: f32 = (i..k)
+                        .map(|j| a.data[r * sa + j] * b.data[(c0 + c) * sb + j])
+                        .sum();
+                    out.add(c0 + c, r0 + r, tail);
+                }
             }
         }
     }
 }
 
 /// Portable fallback: one dot product at a time, written so the compiler can vectorise it.
-fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
+fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
     const LANES: usize = 16;
     for r in 0..a.count {
         let ar = &a.data[r * a.stride..][..k];
@@ -418,7 +435,7 @@ fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: &mut [f32]) {
                     acc[l] += x[l] * y[l];
                 }
             }
-            out[r * b.count + c] = acc.iter().sum::<f32>() + tail;
+            out.set(c, r, acc.iter().sum::<f32>() + tail);
         }
     }
 }
@@ -483,7 +500,6 @@ mod tests {
             for (na, nb) in [(1, 1), (5, 1), (9, 6), (4, 17)] {
                 let a = pseudo(na * stride_a, 3);
                 let b = pseudo(nb * stride_b, 4);
-                let mut got = vec![f32::NAN; na * nb];
                 let rows_a = Rows {
                     data: &a,
                     count: na,
@@ -494,13 +510,15 @@ mod tests {
                     count: nb,
                     stride: stride_b,
                 };
-                dot_rows(isa, rows_a, rows_b, k, &mut got);
+                let got = par_columns(nb, na, 4 * k, |cols| {
+                    dot_rows(isa, rows_a.sub(cols.first(), cols.len()), rows_b, k, cols)
+                });
                 for i in 0..na {
                     for j in 0..nb {
                         let want: f64 = (0..k)
                             .map(|l| a[i * stride_a + l] as f64 * b[j * stride_b + l] as f64)
                             .sum();
-                        let g = got[i * nb + j];
+                        let g = got[j * na + i];
                         assert!(
                             (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{isa:?} {na}x{nb} at ({i},{j}): {g} vs {want}"
