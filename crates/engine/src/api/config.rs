@@ -240,7 +240,7 @@ pub struct EngineConfig {
     /// Bitwise batch-invariant forward pass on the CPU: a token's logits do not depend on the
     /// other sequences in its step, on chunked-prefill splits, on recomputation or on prefix-cache
     /// hits (f32, bf16 and Q8_0 weights; see `Mpt::set_batch_invariant`). Off, f32 prefill
-    /// chunks use candle's faster GEMM.
+    /// chunks use candle's GEMM.
     pub batch_invariant: bool,
     /// N-gram speculative decoding; `None` decodes one token per sequence and step.
     pub speculative: Option<NgramSpeculation>,

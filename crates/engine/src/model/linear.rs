@@ -37,7 +37,7 @@ pub(crate) enum RowRouting {
     /// Our tiled kernel for every row count: a row's result never depends on its neighbours.
     #[default]
     BatchInvariant,
-    /// Our kernel up to [`SKINNY_ROWS`], candle's GEMM above (faster prefill, not invariant).
+    /// Our kernel up to [`SKINNY_ROWS`], candle's GEMM above (not invariant).
     Fastest,
 }
 

@@ -430,7 +430,7 @@ impl Mpt {
 
     /// Whether every row's logits are bitwise independent of the other rows of the step (on by
     /// default): f32 linear layers on the CPU then use our tiled kernel for every row count;
-    /// off, prefill chunks of more than 32 rows go to candle's faster GEMM instead. Attention,
+    /// off, prefill chunks of more than 32 rows go to candle's GEMM instead. Attention,
     /// norms and the bf16 and Q8_0 kernels are batch-invariant either way.
     pub fn set_batch_invariant(&mut self, on: bool) {
         self.routing = if on {

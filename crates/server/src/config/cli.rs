@@ -142,7 +142,7 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub attention_kernels: Option<String>,
-    /// Make every token's logits bitwise independent of the other requests in its step, of where chunked prefill splits its prompt, of recomputation and of prefix-cache hits (CPU; f32, bf16 and Q8_0 weights), so a seeded request gives the same text alone or under load; false sends f32 prefill chunks to a faster GEMM whose sums depend on the batch [default: true].
+    /// Make every token's logits bitwise independent of the other requests in its step, of where chunked prefill splits its prompt, of recomputation and of prefix-cache hits (CPU; f32, bf16 and Q8_0 weights), so a seeded request gives the same text alone or under load; false sends f32 prefill chunks to candle's GEMM, whose sums depend on the batch [default: true].
     #[arg(
         long,
         env = "MPT_SERVER_BATCH_INVARIANT",
