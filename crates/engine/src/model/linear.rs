@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::kernels::cpu::bf16::{Bf16Dot, bf16_matmul_nt};
 use crate::kernels::cpu::isa::detect_isa;
@@ -196,7 +197,8 @@ impl CustomOp2 for Bf16Matmul {
         let x = contiguous::<half::bf16>(s1, l1)?;
         let w = contiguous::<half::bf16>(s2, l2)?;
         let out = bf16_matmul_nt(Bf16Dot::detect(), x, m, k, w, n);
-        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_f32).collect();
+        // Prefill results are millions of values: rounded on every thread.
+        let out: Vec<half::bf16> = out.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
         Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }

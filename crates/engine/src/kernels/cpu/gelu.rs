@@ -1,9 +1,11 @@
 //! The feed-forward activation, exact-erf GELU (`nn.GELU()` in mosaicml's MPT). candle's CPU
 //! kernel calls libm's scalar `erff` per element, one of the larger costs of a prompt step
-//! after the matmuls; for f32 on the CPU this applies `fast_math::gelu` in parallel chunks,
-//! vectorised for the CPU at hand. Other dtypes and devices use candle's `gelu_erf`.
+//! after the matmuls; for f32 and bf16 on the CPU this applies `fast_math::gelu` in parallel
+//! chunks, vectorised for the CPU at hand (bf16 widened to f32 and rounded back per element).
+//! Other dtypes and devices use candle's `gelu_erf`.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::fast_math;
@@ -14,19 +16,19 @@ const CHUNK: usize = 16 * 1024;
 
 /// `gelu(x)` elementwise, with the exact (erf) formulation.
 pub(crate) fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
         x.contiguous()?.apply_op1_no_bwd(&GeluErf)
     } else {
         x.gelu_erf()
     }
 }
 
-/// The CPU f32 kernel behind `gelu_erf`.
+/// The CPU f32 / bf16 kernel behind `gelu_erf`.
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
-        "gelu-erf-f32"
+        "gelu-erf"
     }
 
     fn cpu_fwd(
@@ -35,26 +37,38 @@ impl CustomOp1 for GeluErf {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-f32 needs a contiguous input");
+            candle_core::bail!("gelu-erf needs a contiguous input");
         };
-        let input = &storage.as_slice::<f32>()?[start..end];
-        let mut out = vec![0f32; input.len()];
-        let isa = detect_isa();
-        out.par_chunks_mut(CHUNK)
-            .zip(input.par_chunks(CHUNK))
-            .for_each(|(out, input)| {
-                with_isa(
-                    isa,
-                    #[inline(always)]
-                    || {
-                        for (o, &x) in out.iter_mut().zip(input) {
-                            *o = fast_math::gelu(x);
-                        }
-                    },
-                )
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        let out = match storage {
+            CpuStorage::BF16(values) => CpuStorage::BF16(map(&values[start..end], |x| {
+                bf16::from_f32(fast_math::gelu(x.to_f32()))
+            })),
+            _ => CpuStorage::F32(map(&storage.as_slice::<f32>()?[start..end], |&x| {
+                fast_math::gelu(x)
+            })),
+        };
+        Ok((out, layout.shape().clone()))
     }
+}
+
+/// `f` over `input` in parallel chunks, compiled for the CPU's instruction set.
+fn map<T: Sync, U: Send + Copy + Default>(input: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    let mut out = vec![U::default(); input.len()];
+    let isa = detect_isa();
+    out.par_chunks_mut(CHUNK)
+        .zip(input.par_chunks(CHUNK))
+        .for_each(|(out, input)| {
+            with_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    for (o, x) in out.iter_mut().zip(input) {
+                        *o = f(x);
+                    }
+                },
+            )
+        });
+    out
 }
 
 #[cfg(test)]
@@ -71,6 +85,31 @@ mod tests {
         assert_eq!(ours.dims(), candle.dims());
         let diff = (ours - candle)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 5e-6, "max difference {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_rounds_the_f32_result() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (CHUNK / 64 + 3, 130), &dev)?.t()? * 2.0)?
+            .to_dtype(DType::BF16)?;
+        let ours = gelu_erf(&x)?;
+        assert_eq!(ours.dtype(), DType::BF16);
+        let want = gelu_erf(&x.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?;
+        let (ours, want) = (
+            ours.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        );
+        assert_eq!(ours, want);
+        // And within bf16 rounding of candle's own bf16 GELU.
+        let candle = x
+            .gelu_erf()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (o, c) in ours.iter().zip(&candle) {
+            assert!((o - c).abs() <= 1e-2 * (1.0 + c.abs()), "{o} vs {c}");
+        }
         Ok(())
     }
 }
