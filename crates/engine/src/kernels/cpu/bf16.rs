@@ -5,8 +5,8 @@
 //!
 //! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode (prefetching the
 //! rows two tiles ahead), 4 × 4 otherwise; weight rows split over threads by
-//! [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the AVX512-BF16 path runs only when
-//! [`Bf16Dot::detect`] found the instructions.
+//! [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the AVX512-BF16
+//! path runs only when [`Bf16Dot::detect`] found the instructions.
 
 use half::bf16;
 
@@ -83,7 +83,7 @@ fn widen(v: bf16) -> f32 {
 
 /// Output `(c, r)` = `w_r · x_c`, widening in registers.
 #[inline(always)]
-fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns) {
+fn widen_rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns<'_>) {
     const LANES: usize = 16;
     for (r, wr) in w.chunks_exact(k).enumerate() {
         for c in 0..m {
@@ -121,7 +121,7 @@ mod x86 {
     const WIDTH: usize = 32;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns) {
+    pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns<'_>) {
         let rows = w.len() / k;
         assert!(x.len() >= m * k && out.len() >= rows);
         let mut r = 0;
@@ -151,7 +151,7 @@ mod x86 {
         x: &[bf16],
         m: usize,
         k: usize,
-        out: Columns,
+        out: Columns<'_>,
     ) {
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
@@ -176,7 +176,7 @@ mod x86 {
         x: &[bf16],
         c0: usize,
         k: usize,
-        out: Columns,
+        out: Columns<'_>,
     ) {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= k`, inside rows r0 + r and

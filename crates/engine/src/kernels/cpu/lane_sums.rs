@@ -93,7 +93,7 @@ pub(crate) mod x86 {
     #[inline(always)]
     pub(crate) unsafe fn store_tile<const RA: usize, const RB: usize>(
         acc: &[[__m512; RB]; RA],
-        out: Columns,
+        out: Columns<'_>,
         r0: usize,
         c0: usize,
     ) {

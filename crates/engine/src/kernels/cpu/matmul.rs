@@ -19,7 +19,7 @@
 //! weight rows or on the thread count.
 
 use super::isa::{Isa, IsaKind};
-use super::prefetch::prefetch_l2;
+use super::prefetch::prefetch_l2_range;
 use super::row_split::{Columns, par_columns};
 
 /// A SIMD register of f32 lanes: the few operations the tiled kernel needs.
@@ -40,7 +40,7 @@ trait Lanes: Copy {
     #[inline(always)]
     unsafe fn store_tile<const RA: usize, const RB: usize>(
         acc: &[[Self; RB]; RA],
-        out: Columns,
+        out: Columns<'_>,
         r0: usize,
         c0: usize,
     ) {
@@ -90,7 +90,7 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_tile<const RA: usize, const RB: usize>(
             acc: &[[Self; RB]; RA],
-            out: Columns,
+            out: Columns<'_>,
             r0: usize,
             c0: usize,
         ) {
@@ -133,15 +133,6 @@ mod x86 {
             _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
         }
     }
-}
-
-/// Floats in a 64-byte cache line.
-const FLOATS_PER_LINE: usize = 16;
-
-/// Hints the cache to bring the line at `p` into L2; never faults, so `p` may be past the end.
-#[inline(always)]
-fn prefetch(p: *const f32) {
-    prefetch_l2(p.cast());
 }
 
 /// `count` rows of a matrix, each `stride` floats after the previous; the kernels read the first
@@ -237,7 +228,7 @@ fn matmul_block(isa: Isa, x: &[f32], m: usize, k: usize, w: &[f32], n: usize) ->
 
 /// Output `(j, i)` = `a_i · b_j` over the first `k` floats of each row, on this thread: `a` is
 /// streamed once (the large operand, the weights), `b` re-read per tile.
-pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
+pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns<'_>) {
     assert!(a.holds(k) && b.holds(k), "dot_rows: rows shorter than k");
     assert!(out.len() >= a.count, "dot_rows: output too small");
     match isa.kind() {
@@ -256,7 +247,7 @@ pub(crate) fn dot_rows(isa: Isa, a: Rows<'_>, b: Rows<'_>, k: usize, out: Column
 /// enough independent FMA chains hide the latency.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
+unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns<'_>) {
     // SAFETY: the features are enabled on this function; `dot_rows` checked the sizes.
     unsafe {
         if b.count == 1 {
@@ -270,7 +261,7 @@ unsafe fn rows_avx512(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
 /// AVX2 has 16 registers: 2 × 4 accumulators plus 2 weight vectors and an activation vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
+unsafe fn rows_avx2(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns<'_>) {
     // SAFETY: as above.
     unsafe {
         if b.count == 1 {
@@ -287,7 +278,7 @@ unsafe fn a_tiles<V: Lanes, const RA: usize, const RB: usize>(
     a: Rows<'_>,
     b: Rows<'_>,
     k: usize,
-    out: Columns,
+    out: Columns<'_>,
 ) {
     let mut r = 0;
     // SAFETY (both calls): forwarded from the caller.
@@ -311,7 +302,7 @@ unsafe fn b_tiles<V: Lanes, const RA: usize, const RB: usize>(
     a: Rows<'_>,
     b: Rows<'_>,
     k: usize,
-    out: Columns,
+    out: Columns<'_>,
     r0: usize,
 ) {
     let passes = b.count.div_ceil(RB);
@@ -360,12 +351,8 @@ impl Prefetch {
     /// Prefetches this pass's floats for vector step `step`, one hint per cache line.
     #[inline(always)]
     fn step(self, step: usize) {
-        let start = step * self.floats_per_step;
-        let mut offset = start;
-        while offset < start + self.floats_per_step {
-            prefetch(self.base.wrapping_add(offset));
-            offset += FLOATS_PER_LINE;
-        }
+        let start = self.base.wrapping_add(step * self.floats_per_step);
+        prefetch_l2_range(start.cast(), self.floats_per_step * size_of::<f32>());
     }
 }
 
@@ -376,7 +363,7 @@ unsafe fn tile<V: Lanes, const RA: usize, const RB: usize>(
     b: Rows<'_>,
     k: usize,
     c0: usize,
-    (out, r0): (Columns, usize),
+    (out, r0): (Columns<'_>, usize),
     next: Prefetch,
 ) {
     let (sa, sb) = (a.stride, b.stride);
@@ -416,7 +403,7 @@ unsafe fn tile<V: Lanes, const RA: usize, const RB: usize>(
 }
 
 /// Portable fallback: one dot product at a time, written so the compiler can vectorise it.
-fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns) {
+fn rows_portable(a: Rows<'_>, b: Rows<'_>, k: usize, out: Columns<'_>) {
     const LANES: usize = 16;
     for r in 0..a.count {
         let ar = &a.data[r * a.stride..][..k];

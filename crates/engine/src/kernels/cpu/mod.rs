@@ -2,9 +2,9 @@
 //! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]), the exact-erf GELU ([`gelu`]),
 //! flash-style attention tiles ([`attention_tile`]) over f32/f16/bf16 KV pools ([`kv_elem`])
 //! with their SIMD vectors ([`vector`]), ggml's block formats ([`quant_formats`], [`k_quants`],
-//! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and the bf16 matmul ([`bf16`]), which split their work with
-//! [`row_split`], sum their tiles with [`lane_sums`] and fetch ahead with [`prefetch`]. Code that
-//! uses SIMD intrinsics lives here and nowhere else.
+//! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and the bf16 matmul ([`bf16`]). The three
+//! matmuls split their work with [`row_split`], sum their tiles with [`lane_sums`] and fetch
+//! ahead with [`prefetch`]. Code that uses SIMD intrinsics lives here and nowhere else.
 
 #[allow(unsafe_code)]
 pub(crate) mod attention_tile;

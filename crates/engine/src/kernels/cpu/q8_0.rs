@@ -26,7 +26,7 @@ use super::ggml_scalars::f16_at;
 const QK: usize = 32;
 /// Weights per interleaved super-block (8 blocks; 4 register loads of 64 bytes).
 const SUPER: usize = 256;
-/// Activation rows from which quantizing them is split over threads.
+/// Fewest activation rows one thread quantizes when they are split over threads.
 const PARALLEL_ACT_ROWS: usize = 8;
 
 /// Which int8 dot-product code runs; only [`Int8Dot::detect`] makes a SIMD one.
@@ -221,22 +221,13 @@ impl QuantizedActs {
         let per_scales = 16 * supers + tail;
         let corr_per_row = (16 * supers).max(1);
         // Rows are independent: prefill chunks have hundreds, so they are split over threads;
-        // a decode step's few rows take less than waking the threads would.
-        if m < PARALLEL_ACT_ROWS {
-            for (((qs, scales), corr), xr) in
-                a.qs.chunks_mut(k)
-                    .zip(a.scales.chunks_mut(per_scales))
-                    .zip(a.corr.chunks_mut(corr_per_row))
-                    .zip(x.chunks(k))
-            {
-                quantize_act_row(xr, supers, qs, scales, corr);
-            }
-            return a;
-        }
+        // a decode step's few rows stay on the calling thread (no split, so no other thread
+        // is woken).
         a.qs.par_chunks_mut(k)
             .zip(a.scales.par_chunks_mut(per_scales))
             .zip(a.corr.par_chunks_mut(corr_per_row))
             .zip(x.par_chunks(k))
+            .with_min_len(PARALLEL_ACT_ROWS)
             .for_each(|(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr));
         a
     }
@@ -285,7 +276,7 @@ fn quantize_act_block(x: &[f32], q: &mut [i8; QK]) -> f32 {
 }
 
 /// The super-block part of output `(c, r)` for every weight row `r` and activation row `c`.
-fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
+fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns<'_>) {
     let (k, m) = (w.k, act.m);
     let supers = k / SUPER;
     let per_scales = act.scales.len() / m.max(1);
@@ -319,7 +310,7 @@ fn portable_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Colum
 }
 
 /// Adds the tail blocks (past the last whole super-block) to output `(c, r)`.
-fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
+fn tail_rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns<'_>) {
     let (k, m) = (w.k, act.m);
     let supers = k / SUPER;
     let full = supers * SUPER;
@@ -360,7 +351,12 @@ mod x86 {
     /// Super-block part of output `(c, r)`: 8 weight rows at a time against one activation
     /// row (decode), else 4 × 4 tiles; leftovers with narrower tiles.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn rows(w: WeightRows<'_>, rows: usize, act: &QuantizedActs, out: Columns) {
+    pub(super) unsafe fn rows(
+        w: WeightRows<'_>,
+        rows: usize,
+        act: &QuantizedActs,
+        out: Columns<'_>,
+    ) {
         assert!(w.qs.len() >= rows * w.k && act.qs.len() >= act.m * act.k && out.len() >= rows);
         if w.k < SUPER {
             return;
@@ -391,7 +387,7 @@ mod x86 {
         w: WeightRows<'_>,
         r0: usize,
         act: &QuantizedActs,
-        out: Columns,
+        out: Columns<'_>,
     ) {
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
@@ -416,7 +412,7 @@ mod x86 {
         r0: usize,
         act: &QuantizedActs,
         c0: usize,
-        out: Columns,
+        out: Columns<'_>,
     ) {
         let (k, m) = (w.k, act.m);
         let supers = k / SUPER;

@@ -7,7 +7,9 @@
 //! starting tasks of a few kilobytes each.
 //!
 //! Invariant: the tasks of one call own disjoint column ranges, and [`Columns`] lets a task
-//! address only its own.
+//! address only its own, only during the call (its lifetime is the call's borrow of the output).
+
+use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
@@ -18,20 +20,36 @@ const TASKS_PER_THREAD: usize = 4;
 
 /// One task's columns `first..first + len` of the `(m, n)` output.
 #[derive(Clone, Copy)]
-pub(crate) struct Columns {
+pub(crate) struct Columns<'a> {
     base: *mut f32,
     m: usize,
     n: usize,
     first: usize,
     len: usize,
+    /// The output buffer this writes into, borrowed for the call.
+    out: PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: a `Columns` is only made by `par_columns`, which hands each task a disjoint column
-// range of a buffer that outlives the tasks; writes through it never overlap another task's.
-unsafe impl Send for Columns {}
-unsafe impl Sync for Columns {}
+// range of a buffer borrowed for `'a`; tasks take any `Columns<'_>`, so none keeps one past the
+// call, and writes through it never overlap another task's.
+unsafe impl Send for Columns<'_> {}
+unsafe impl Sync for Columns<'_> {}
 
-impl Columns {
+impl<'a> Columns<'a> {
+    /// All of `out`, an `(m, n)` matrix, with no columns owned yet.
+    fn whole(out: &'a mut [f32], m: usize, n: usize) -> Self {
+        assert_eq!(out.len(), m * n, "Columns::whole: not an (m, n) buffer");
+        Self {
+            base: out.as_mut_ptr(),
+            m,
+            n,
+            first: 0,
+            len: 0,
+            out: PhantomData,
+        }
+    }
+
     /// Columns `first..first + len` of the same output.
     fn part(&self, first: usize, len: usize) -> Self {
         Self {
@@ -81,7 +99,7 @@ impl Columns {
 /// Weight rows per task for `n` rows of `row_bytes` each against `m` activation rows: a
 /// multiple of 8 (the decode tile), large enough to be worth a task, small enough for
 /// [`TASKS_PER_THREAD`].
-pub(crate) fn rows_per_task(n: usize, row_bytes: usize, m: usize) -> usize {
+fn rows_per_task(n: usize, row_bytes: usize, m: usize) -> usize {
     let for_work = TASK_WORK.div_ceil(row_bytes.max(1) * m.max(1));
     let tasks = TASKS_PER_THREAD * rayon::current_num_threads();
     let for_balance = n.div_ceil(tasks.max(1));
@@ -93,18 +111,11 @@ pub(crate) fn par_columns(
     m: usize,
     n: usize,
     row_bytes: usize,
-    task: impl Fn(Columns) + Sync + Send,
+    task: impl Fn(Columns<'_>) + Sync + Send,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let per = rows_per_task(n, row_bytes, m);
-    let base = out.as_mut_ptr();
-    let all = Columns {
-        base,
-        m,
-        n,
-        first: 0,
-        len: 0,
-    };
+    let all = Columns::whole(&mut out, m, n);
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
         let first = t * per;
         task(all.part(first, per.min(n - first)))
