@@ -18,12 +18,12 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::kernels::cpu::bf16::{Bf16Dot, bf16_matmul_nt};
 use crate::kernels::cpu::isa::detect_isa;
 use crate::kernels::cpu::matmul::matmul_nt;
 use crate::kernels::cpu::q8_0::{Int8Dot, Q8Matrix};
+use crate::kernels::cpu::thread_team::map_elements;
 
 /// Row counts that use the skinny kernel under [`RowRouting::Fastest`]. Measured on a 2-core
 /// AVX-512 EPYC against candle 0.11.1
@@ -198,7 +198,7 @@ impl CustomOp2 for Bf16Matmul {
         let w = contiguous::<half::bf16>(s2, l2)?;
         let out = bf16_matmul_nt(Bf16Dot::detect(), x, m, k, w, n);
         // Prefill results are millions of values: rounded on every thread.
-        let out: Vec<half::bf16> = out.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let out = map_elements(&out, |&v| half::bf16::from_f32(v));
         Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }

@@ -6,13 +6,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
 use super::fast_math;
-use super::isa::{detect_isa, with_isa};
-
-/// Elements per parallel task: enough to amortise scheduling.
-const CHUNK: usize = 16 * 1024;
+use super::thread_team::map_elements;
 
 /// `gelu(x)` elementwise, with the exact (erf) formulation.
 pub(crate) fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -40,46 +36,28 @@ impl CustomOp1 for GeluErf {
             candle_core::bail!("gelu-erf needs a contiguous input");
         };
         let out = match storage {
-            CpuStorage::BF16(values) => CpuStorage::BF16(map(&values[start..end], |x| {
+            CpuStorage::BF16(values) => CpuStorage::BF16(map_elements(&values[start..end], |x| {
                 bf16::from_f32(fast_math::gelu(x.to_f32()))
             })),
-            _ => CpuStorage::F32(map(&storage.as_slice::<f32>()?[start..end], |&x| {
-                fast_math::gelu(x)
-            })),
+            _ => CpuStorage::F32(map_elements(
+                &storage.as_slice::<f32>()?[start..end],
+                |&x| fast_math::gelu(x),
+            )),
         };
         Ok((out, layout.shape().clone()))
     }
 }
 
-/// `f` over `input` in parallel chunks, compiled for the CPU's instruction set.
-fn map<T: Sync, U: Send + Copy + Default>(input: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
-    let mut out = vec![U::default(); input.len()];
-    let isa = detect_isa();
-    out.par_chunks_mut(CHUNK)
-        .zip(input.par_chunks(CHUNK))
-        .for_each(|(out, input)| {
-            with_isa(
-                isa,
-                #[inline(always)]
-                || {
-                    for (o, x) in out.iter_mut().zip(input) {
-                        *o = f(x);
-                    }
-                },
-            )
-        });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu::thread_team::ELEMENTS_PER_TASK;
 
     #[test]
     fn matches_candles_exact_gelu() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
         // More than one chunk, a non-contiguous input, and values far into both tails.
-        let x = (Tensor::randn(0f32, 3.0, (CHUNK / 64 + 3, 130), &dev)?.t()? * 2.0)?;
+        let x = (Tensor::randn(0f32, 3.0, (ELEMENTS_PER_TASK / 64 + 3, 130), &dev)?.t()? * 2.0)?;
         let ours = gelu_erf(&x)?;
         let candle = x.gelu_erf()?;
         assert_eq!(ours.dims(), candle.dims());
@@ -91,7 +69,7 @@ mod tests {
     #[test]
     fn bf16_rounds_the_f32_result() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        let x = (Tensor::randn(0f32, 3.0, (CHUNK / 64 + 3, 130), &dev)?.t()? * 2.0)?
+        let x = (Tensor::randn(0f32, 3.0, (ELEMENTS_PER_TASK / 64 + 3, 130), &dev)?.t()? * 2.0)?
             .to_dtype(DType::BF16)?;
         let ours = gelu_erf(&x)?;
         assert_eq!(ours.dtype(), DType::BF16);

@@ -4,7 +4,8 @@
 //! with their SIMD vectors ([`vector`]), ggml's block formats ([`quant_formats`], [`k_quants`],
 //! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and the bf16 matmul ([`bf16`]). The three
 //! matmuls split their work with [`row_split`], sum their tiles with [`lane_sums`] and fetch
-//! ahead with [`prefetch`]. Code that uses SIMD intrinsics lives here and nowhere else.
+//! ahead with [`prefetch`]; the parallel regions of a forward pass run on [`thread_team`].
+//! Code that uses SIMD intrinsics lives here and nowhere else.
 
 #[allow(unsafe_code)]
 pub(crate) mod attention_tile;
@@ -29,5 +30,7 @@ pub(crate) mod q8_0;
 pub(crate) mod quant_formats;
 #[allow(unsafe_code)]
 pub(crate) mod row_split;
+#[allow(unsafe_code)]
+pub(crate) mod thread_team;
 #[allow(unsafe_code)]
 pub(crate) mod vector;

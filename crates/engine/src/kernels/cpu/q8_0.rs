@@ -18,6 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::row_split::{Columns, par_columns};
+use super::thread_team;
 
 #[cfg(test)]
 use super::ggml_scalars::f16_at;
@@ -26,8 +27,8 @@ use super::ggml_scalars::f16_at;
 const QK: usize = 32;
 /// Weights per interleaved super-block (8 blocks; 4 register loads of 64 bytes).
 const SUPER: usize = 256;
-/// Fewest activation rows one thread quantizes when they are split over threads.
-const PARALLEL_ACT_ROWS: usize = 8;
+/// Activation rows per task when they are quantized over threads.
+const ACT_ROWS_PER_TASK: usize = 8;
 
 /// Which int8 dot-product code runs; only [`Int8Dot::detect`] makes a SIMD one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,14 +222,18 @@ impl QuantizedActs {
         let per_scales = 16 * supers + tail;
         let corr_per_row = (16 * supers).max(1);
         // Rows are independent: prefill chunks have hundreds, so they are split over threads;
-        // a decode step's few rows stay on the calling thread (no split, so no other thread
-        // is woken).
-        a.qs.par_chunks_mut(k)
-            .zip(a.scales.par_chunks_mut(per_scales))
-            .zip(a.corr.par_chunks_mut(corr_per_row))
-            .zip(x.par_chunks(k))
-            .with_min_len(PARALLEL_ACT_ROWS)
-            .for_each(|(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr));
+        // a decode step's few rows make a task or two.
+        let mut rows: Vec<_> =
+            a.qs.chunks_mut(k)
+                .zip(a.scales.chunks_mut(per_scales))
+                .zip(a.corr.chunks_mut(corr_per_row))
+                .zip(x.chunks(k))
+                .collect();
+        thread_team::for_each_mut(
+            &mut rows,
+            ACT_ROWS_PER_TASK,
+            |(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr),
+        );
         a
     }
 }

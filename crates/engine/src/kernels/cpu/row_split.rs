@@ -11,7 +11,7 @@
 
 use std::marker::PhantomData;
 
-use rayon::prelude::*;
+use super::thread_team;
 
 /// Weight bytes times activation rows a task should cover at least.
 const TASK_WORK: usize = 256 << 10;
@@ -116,7 +116,7 @@ pub(crate) fn par_columns(
     let mut out = vec![0f32; m * n];
     let per = rows_per_task(n, row_bytes, m);
     let all = Columns::whole(&mut out, m, n);
-    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+    thread_team::run(n.div_ceil(per), |t| {
         let first = t * per;
         task(all.part(first, per.min(n - first)))
     });

@@ -4,14 +4,13 @@
 //! softmax states are then merged per (token, head) left to right — the same definition the
 //! prefill path computes (see `attention_tile`).
 
-use rayon::prelude::*;
-
 use super::Step;
 use crate::kernels::cpu::attention_tile::{
     SoftmaxState, attend_segment, finish, merge, padded, segment_len,
 };
 use crate::kernels::cpu::isa::Isa;
 use crate::kernels::cpu::kv_elem::KvElem;
+use crate::kernels::cpu::thread_team;
 use crate::kv::storage::Pools;
 
 /// One task: a key segment of one (token, head).
@@ -52,27 +51,27 @@ pub(super) fn attend_tokens<T: KvElem>(
     }
     let mut states = vec![SoftmaxState::EMPTY; tasks.len()];
     let mut accs = vec![0f32; tasks.len() * stride];
-    accs.par_chunks_mut(stride)
-        .zip(states.par_iter_mut())
-        .zip(tasks.par_iter())
-        .for_each_init(
-            || vec![0f32; hd],
-            |query, ((acc, state), task)| {
-                step.scaled_query(task.token, task.head, query);
-                let head = step.head(pools, task.token, task.head);
-                let pos = step.slots[task.token].pos;
-                let keys = task.keys.0..task.keys.1;
-                attend_segment(
-                    isa,
-                    &head,
-                    query,
-                    pos,
-                    keys,
-                    std::slice::from_mut(state),
-                    acc,
-                );
-            },
+    let mut work: Vec<((&mut [f32], &mut SoftmaxState), &Task)> = accs
+        .chunks_mut(stride)
+        .zip(states.iter_mut())
+        .zip(tasks.iter())
+        .collect();
+    thread_team::for_each_mut(&mut work, 1, |((acc, state), task)| {
+        let mut query = vec![0f32; hd];
+        step.scaled_query(task.token, task.head, &mut query);
+        let head = step.head(pools, task.token, task.head);
+        let pos = step.slots[task.token].pos;
+        let keys = task.keys.0..task.keys.1;
+        attend_segment(
+            isa,
+            &head,
+            &query,
+            pos,
+            keys,
+            std::slice::from_mut(&mut **state),
+            acc,
         );
+    });
     // Tasks of one (token, head) are consecutive and in segment order.
     let mut total_acc = vec![0f32; stride];
     let mut i = 0;

@@ -8,14 +8,13 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::Step;
 use crate::kernels::cpu::attention_tile::{
     MAX_TILE_QUERIES, SoftmaxState, attend_segment, finish, merge, padded, segment_len,
 };
 use crate::kernels::cpu::isa::{Isa, with_isa};
 use crate::kernels::cpu::kv_elem::KvElem;
+use crate::kernels::cpu::thread_team;
 use crate::kv::storage::Pools;
 
 /// Queries per task: enough to reuse each segment's keys from L2 several times, few enough that
@@ -39,16 +38,14 @@ pub(super) fn attend_runs<T: KvElem>(
                 .flat_map(move |s| (0..nh).map(move |h| (s..(s + QUERY_TILE).min(run.end), h)))
         })
         .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|(tile, head)| {
-            with_isa(
-                isa,
-                #[inline(always)]
-                || attend_tile(isa, step, pools, tile.clone(), *head),
-            )
-        })
-        .collect();
+    let results: Vec<Vec<f32>> = thread_team::map(tasks.len(), |i| {
+        let (tile, head) = &tasks[i];
+        with_isa(
+            isa,
+            #[inline(always)]
+            || attend_tile(isa, step, pools, tile.clone(), *head),
+        )
+    });
     for ((tile, head), rows) in tasks.iter().zip(results) {
         for (t, row) in tile.clone().zip(rows.chunks_exact(hd)) {
             out[(t * nh + head) * hd..][..hd].copy_from_slice(row);
