@@ -445,23 +445,38 @@ mod x86 {
                     let h = _mm_loadu_si128(p.cast());
                     *v = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(h));
                 }
+                // Each weight register is loaded once and used against all RB activation
+                // rows; the integer sums start from the rows' corrections.
+                let mut acc = [[_mm512_setzero_si512(); RB]; RA];
+                let mut xs = [_mm512_setzero_ps(); RB];
                 for c in 0..RB {
                     let row = c0 + c;
-                    let xp = act.qs.as_ptr().add(row * k + s * SUPER);
-                    let x = [0, 1, 2, 3].map(|t| _mm512_loadu_si512(xp.add(64 * t).cast()));
-                    let xs = _mm512_loadu_ps(act.scales.as_ptr().add(row * per_scales + 16 * s));
+                    xs[c] = _mm512_loadu_ps(act.scales.as_ptr().add(row * per_scales + 16 * s));
                     let corr = _mm512_loadu_si512(
                         act.corr.as_ptr().add(row * 16 * supers + 16 * s).cast(),
                     );
                     for r in 0..RA {
-                        let wp = w.qs.as_ptr().add((r0 + r) * k + s * SUPER);
-                        let mut acc = corr;
-                        for (t, &xt) in x.iter().enumerate() {
-                            let wt = _mm512_loadu_si512(wp.add(64 * t).cast());
-                            acc = _mm512_dpbusd_epi32(acc, wt, xt);
+                        acc[r][c] = corr;
+                    }
+                }
+                for t in 0..4 {
+                    let x: [__m512i; RB] = std::array::from_fn(|c| {
+                        let xp = act.qs.as_ptr().add((c0 + c) * k + s * SUPER + 64 * t);
+                        _mm512_loadu_si512(xp.cast())
+                    });
+                    for r in 0..RA {
+                        let wp = w.qs.as_ptr().add((r0 + r) * k + s * SUPER + 64 * t);
+                        let wt = _mm512_loadu_si512(wp.cast());
+                        for c in 0..RB {
+                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wt, x[c]);
                         }
-                        let scale = _mm512_mul_ps(wsc[r], xs);
-                        facc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, facc[r][c]);
+                    }
+                }
+                for r in 0..RA {
+                    for c in 0..RB {
+                        let scale = _mm512_mul_ps(wsc[r], xs[c]);
+                        facc[r][c] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), scale, facc[r][c]);
                     }
                 }
             }
