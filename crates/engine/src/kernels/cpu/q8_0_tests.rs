@@ -106,3 +106,64 @@ fn repacking_keeps_every_value_and_scale() {
         }
     }
 }
+
+#[test]
+fn rounding_matches_f32_round_at_halves_and_near_them() {
+    let mut values = vec![
+        0.49999997f32,
+        -0.49999997,
+        0.5,
+        -0.5,
+        1.5,
+        -2.5,
+        126.5,
+        -127.5,
+    ];
+    values.extend([
+        8388607.5f32,
+        8388608.0,
+        1e9,
+        -1e9,
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+    ]);
+    for i in -2000..=2000 {
+        let x = i as f32 / 8.0;
+        values.extend([
+            x,
+            f32::from_bits(x.to_bits() + 1),
+            f32::from_bits(x.to_bits() - 1),
+        ]);
+    }
+    for x in values {
+        assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
+    }
+}
+
+#[test]
+fn activation_rows_are_laid_out_like_the_weights() {
+    // A row quantized as activations and as weights holds the same values in the same places
+    // (weights carry +128) and the same scales.
+    let k = 512 + 64;
+    let x = pseudo(k, 11);
+    let act = QuantizedActs::new(&x, 1, k);
+    let w = quantize_matrix(&x, 1, k);
+    let full = k / SUPER * SUPER;
+    for i in 0..k {
+        let stored = if i < full {
+            w.qs[i] as i32 - 128
+        } else {
+            w.qs[i] as i8 as i32
+        };
+        assert_eq!(act.qs[i] as i32, stored, "value {i}");
+    }
+    for b in 0..k / QK {
+        let lane_scale = if b < full / QK {
+            act.scales[16 * (b / 8) + b % 8]
+        } else {
+            act.scales[16 * (full / SUPER) + b - full / QK]
+        };
+        assert_eq!(f16::from_f32(lane_scale), w.scales[b], "scale {b}");
+    }
+}
