@@ -230,33 +230,26 @@ impl QuantizedActs {
                 .zip(a.corr.chunks_mut(corr_per_row))
                 .zip(x.chunks(k))
                 .collect();
+        // Compiled for the CPU's instruction set, so that the rounding vectorises.
+        let isa = detect_isa();
         thread_team::for_each_mut(
             &mut rows,
             ACT_ROWS_PER_TASK,
-            |(((qs, scales), corr), xr)| quantize_act_row(xr, supers, qs, scales, corr),
+            |(((qs, scales), corr), xr)| {
+                with_isa(
+                    isa,
+                    #[inline(always)]
+                    || quantize_act_row(xr, supers, qs, scales, corr),
+                )
+            },
         );
         a
     }
 }
 
-/// One activation row into the interleaved layout (see [`QuantizedActs`]), compiled for the
-/// CPU's instruction set so that its rounding vectorises.
-fn quantize_act_row(
-    xr: &[f32],
-    supers: usize,
-    qs: &mut [i8],
-    scales: &mut [f32],
-    corr: &mut [i32],
-) {
-    with_isa(
-        detect_isa(),
-        #[inline(always)]
-        || quantize_act_row_with(xr, supers, qs, scales, corr),
-    )
-}
-
+/// One activation row into the interleaved layout (see [`QuantizedActs`]).
 #[inline(always)]
-fn quantize_act_row_with(
+fn quantize_act_row(
     xr: &[f32],
     supers: usize,
     qs: &mut [i8],

@@ -28,8 +28,8 @@ use rayon::prelude::*;
 
 use super::isa::{detect_isa, with_isa};
 
-/// How long a helper keeps spinning for its next job before it parks: longer than the gaps
-/// inside a forward pass and between the decode steps of a busy server.
+/// How long a helper keeps spinning for its next job before it parks: meant to outlast the
+/// gaps between the regions of a forward pass (tens of microseconds) with room to spare.
 const SPIN_FOR: Duration = Duration::from_millis(2);
 /// Elements per task of [`map_elements`]: enough to amortise handing out a task.
 pub(crate) const ELEMENTS_PER_TASK: usize = 16 * 1024;
