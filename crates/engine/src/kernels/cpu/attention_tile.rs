@@ -255,6 +255,60 @@ unsafe fn load_lanes<V: Vector, T: KvElem>(p: *const T, lanes: usize) -> V {
     }
 }
 
+/// Where a tile's values are: per key vector, the head's value rows in its block, the first
+/// key's slot there, the keys any query uses, and the vector's lanes.
+struct TileValues<T> {
+    rows: [*const T; MAX_KEY_VECTORS],
+    at: [usize; MAX_KEY_VECTORS],
+    n_keys: [usize; MAX_KEY_VECTORS],
+    lanes: [usize; MAX_KEY_VECTORS],
+}
+
+/// `O = O·corr + P·V` for one query whose output row is `C` full vectors (`C · WIDTH` =
+/// `hd`), all held in registers: keys outer, so the row's `C` sums advance side by side
+/// instead of one chunk's chain of dependent FMAs after another. Each element still adds its
+/// keys in order, so the bits are those of the chunk-by-chunk loop in [`pass`]. Returns true
+/// (done), for the caller's dispatch.
+#[inline(always)]
+unsafe fn pv_row<V: Vector, T: KvElem, const C: usize>(
+    values: &TileValues<T>,
+    probs: &[f32],
+    corr: f32,
+    acc: *mut f32,
+    hd: usize,
+) -> bool {
+    let w = V::WIDTH;
+    let TileValues {
+        rows: vr,
+        at,
+        n_keys,
+        lanes,
+    } = values;
+    // SAFETY: as in `pass`, which checked the rows: value rows of `hd` elements inside one
+    // block, `acc` a row of at least `C · WIDTH` floats.
+    unsafe {
+        let mut o = [V::splat(0.0); C];
+        for (c, oc) in o.iter_mut().enumerate() {
+            *oc = V::mul(V::load(acc.add(c * w)), V::splat(corr));
+        }
+        let mut off = 0;
+        for v in 0..V::KEY_VECTORS {
+            for jj in 0..n_keys[v] {
+                let row = vr[v].add((at[v] + jj) * hd);
+                let p = V::splat(probs[off + jj]);
+                for (c, oc) in o.iter_mut().enumerate() {
+                    *oc = V::fmadd(p, T::load(row.add(c * w)), *oc);
+                }
+            }
+            off += lanes[v];
+        }
+        for (c, oc) in o.iter().enumerate() {
+            oc.store(acc.add(c * w));
+        }
+    }
+    true
+}
+
 /// One register tile of `RQ` queries over one segment; returns `RQ`.
 // Key and query indices address several arrays at once (pools, probabilities, rows).
 #[allow(clippy::needless_range_loop)]
@@ -403,7 +457,23 @@ unsafe fn pass<V: Vector, T: KvElem, const RQ: usize>(
                     n_keys[v] = lanes[v].min(last_pos + 1 - first[v]);
                 }
             }
-            let mut dv = 0;
+            // A single query (decode) holds its whole output row in registers, keys outer
+            // (head widths of the MPT models: 64, 112 and 128 on AVX-512, 64 on AVX2).
+            let values = TileValues {
+                rows: vr,
+                at,
+                n_keys,
+                lanes,
+            };
+            let held = RQ == 1
+                && hd.is_multiple_of(w)
+                && match hd / w {
+                    4 => pv_row::<V, T, 4>(&values, &probs[0], corr[0], ap, hd),
+                    7 => pv_row::<V, T, 7>(&values, &probs[0], corr[0], ap, hd),
+                    8 => pv_row::<V, T, 8>(&values, &probs[0], corr[0], ap, hd),
+                    _ => false,
+                };
+            let mut dv = if held { hd } else { 0 };
             while dv < hd {
                 let width = w.min(hd - dv);
                 let mut o = [zero; RQ];
