@@ -84,7 +84,9 @@ impl Weight {
             candle_core::bail!("row {bad} is outside the matrix of {n} rows");
         }
         match self {
-            Self::Dense(t) => t.index_select(&Tensor::new(ids, device)?, 0),
+            Self::Dense(t) => t
+                .index_select(&Tensor::new(ids, device)?, 0)?
+                .to_dtype(dtype),
             Self::Q8(m) => {
                 let mut out = vec![0f32; ids.len() * k];
                 for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
@@ -160,7 +162,7 @@ impl Linear {
 /// A plain weight: our kernels on the CPU where they are faster, else candle's matmul.
 fn dense_forward(x: &Tensor, w: &Tensor, routing: RowRouting) -> candle_core::Result<Tensor> {
     let cpu = x.device().is_cpu();
-    if cpu && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+    if cpu && matches!(x.dtype(), DType::BF16 | DType::F32) && w.dtype() == DType::BF16 {
         return x.contiguous()?.apply_op2_no_bwd(w, &Bf16Matmul);
     }
     let skinny = cpu
@@ -174,7 +176,9 @@ fn dense_forward(x: &Tensor, w: &Tensor, routing: RowRouting) -> candle_core::Re
     }
 }
 
-/// `x (m, k) · w (n, k)ᵀ → (m, n)`, both bf16, CPU: our bf16 kernel, f32 sums, bf16 result.
+/// `x (m, k) · w (n, k)ᵀ → (m, n)` for bf16 `w` on the CPU: our bf16 kernel, f32 sums, the
+/// result in `x`'s dtype. f32 rows are rounded to bf16 first (to nearest even, as llama.cpp
+/// rounds its activations for bf16 weights).
 pub(crate) struct Bf16Matmul;
 
 impl CustomOp2 for Bf16Matmul {
@@ -194,12 +198,17 @@ impl CustomOp2 for Bf16Matmul {
         if k != k2 {
             candle_core::bail!("bf16-matmul: inner dims differ ({k} vs {k2})");
         }
-        let x = contiguous::<half::bf16>(s1, l1)?;
         let w = contiguous::<half::bf16>(s2, l2)?;
-        let out = bf16_matmul_nt(Bf16Dot::detect(), x, m, k, w, n);
-        // Prefill results are millions of values: rounded on every thread.
-        let out = map_elements(&out, |&v| half::bf16::from_f32(v));
-        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+        let out = if let CpuStorage::F32(_) = s1 {
+            let rounded = map_elements(contiguous::<f32>(s1, l1)?, |&v| half::bf16::from_f32(v));
+            CpuStorage::F32(bf16_matmul_nt(Bf16Dot::detect(), &rounded, m, k, w, n))
+        } else {
+            let x = contiguous::<half::bf16>(s1, l1)?;
+            let out = bf16_matmul_nt(Bf16Dot::detect(), x, m, k, w, n);
+            // Prefill results are millions of values: rounded on every thread.
+            CpuStorage::BF16(map_elements(&out, |&v| half::bf16::from_f32(v)))
+        };
+        Ok((out, Shape::from((m, n))))
     }
 }
 
