@@ -153,10 +153,16 @@ mod x86 {
         k: usize,
         out: Columns<'_>,
     ) {
+        // The next `RA` weight rows (they follow in memory) into L2, a share before each pass
+        // over the activation rows, as `matmul.rs` does: alone, the hardware prefetcher leaves
+        // the first pass over each group of rows waiting on memory.
+        let share = (RA * k * 2).div_ceil(m.div_ceil(4)).next_multiple_of(LINE);
+        let next = w.as_ptr().wrapping_add((r0 + RA) * k).cast::<u8>();
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
         unsafe {
             while c + 4 <= m {
+                prefetch_l2_range(next.wrapping_add(c / 4 * share), share);
                 tile::<RA, 4>(w, r0, x, c, k, out);
                 c += 4;
             }
