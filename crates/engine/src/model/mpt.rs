@@ -71,8 +71,6 @@ pub struct Mpt {
     logit_scale: Option<f64>,
     device: Device,
     dtype: DType,
-    /// The dtype the forward pass carries between layers (see [`activation_dtype`]).
-    activations: DType,
 }
 
 /// The dtype of the activations for weights of `dtype` on `device`: f32 for bf16 weights on
@@ -100,8 +98,6 @@ struct TensorReader<'a> {
     config: &'a MptConfig,
     device: &'a Device,
     dtype: DType,
-    /// The dtype of vectors (norms, biases): that of the activations they apply to.
-    vectors: DType,
     plan: WeightPlan,
     report: &'a dyn Fn(LoadProgress),
     loaded: Cell<usize>,
@@ -145,7 +141,13 @@ impl TensorReader<'_> {
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.raw(name, shape, self.vectors, self.device)?;
+        // Norms and biases: in the dtype of the activations they apply to.
+        let t = self.raw(
+            name,
+            shape,
+            activation_dtype(self.device, self.dtype),
+            self.device,
+        )?;
         self.plan.count_tensor(&t);
         self.progress();
         Ok(t)
@@ -187,7 +189,7 @@ impl TensorReader<'_> {
         let weight = self.tensor(&format!("{prefix}.weight"), &[d])?;
         let bias = match self.bias(&format!("{prefix}.bias"), d)? {
             Some(b) => b,
-            None => Tensor::zeros(d, self.vectors, self.device)?,
+            None => Tensor::zeros(d, activation_dtype(self.device, self.dtype), self.device)?,
         };
         Ok(Norm {
             weight,
@@ -330,13 +332,11 @@ impl Mpt {
         config.validate()?;
         let (d, ffn) = (config.d_model, config.ffn_hidden_size());
         let separate_output = matches!(&weights, WeightSource::Gguf(f) if f.has("output.weight"));
-        let activations = activation_dtype(device, dtype);
         let reader = TensorReader {
             weights,
             config: &config,
             device,
             dtype,
-            vectors: activations,
             plan,
             report,
             loaded: Cell::new(0),
@@ -397,7 +397,6 @@ impl Mpt {
             norm_f,
             device: device.clone(),
             dtype,
-            activations,
         })
     }
 
@@ -475,10 +474,11 @@ impl Mpt {
         let n = ids.len();
         // Index and bias tensors (or token slots on the CPU), made once for all layers.
         let plan = self.attention.plan(batch, cache, &self.device)?;
-        let mut x = self
-            .wte
-            .weight()
-            .rows(&ids, self.activations, &self.device)?; // (n, d)
+        let mut x = self.wte.weight().rows(
+            &ids,
+            activation_dtype(&self.device, self.dtype),
+            &self.device,
+        )?; // (n, d)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.norm_1.forward(&x)?;
             let mut qkv = block.wqkv.forward(&h, self.routing)?; // (n, 3d)

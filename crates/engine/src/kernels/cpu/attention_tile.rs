@@ -267,8 +267,7 @@ struct TileValues<T> {
 /// `O = O·corr + P·V` for one query whose output row is `C` full vectors (`C · WIDTH` =
 /// `hd`), all held in registers: keys outer, so the row's `C` sums advance side by side
 /// instead of one chunk's chain of dependent FMAs after another. Each element still adds its
-/// keys in order, so the bits are those of the chunk-by-chunk loop in [`pass`]. Returns true
-/// (done), for the caller's dispatch.
+/// keys in order, so the bits are those of the chunk-by-chunk loop in [`pass`].
 #[inline(always)]
 unsafe fn pv_row<V: Vector, T: KvElem, const C: usize>(
     values: &TileValues<T>,
@@ -276,7 +275,7 @@ unsafe fn pv_row<V: Vector, T: KvElem, const C: usize>(
     corr: f32,
     acc: *mut f32,
     hd: usize,
-) -> bool {
+) {
     let w = V::WIDTH;
     let TileValues {
         rows: vr,
@@ -304,6 +303,30 @@ unsafe fn pv_row<V: Vector, T: KvElem, const C: usize>(
         }
         for (c, oc) in o.iter().enumerate() {
             oc.store(acc.add(c * w));
+        }
+    }
+}
+
+/// [`pv_row`] for the head widths it is built for (those of the MPT models: 64, 112 and 128 on
+/// AVX-512, 64 on AVX2); false, doing nothing, for the others.
+#[inline(always)]
+unsafe fn pv_row_if_held<V: Vector, T: KvElem>(
+    values: &TileValues<T>,
+    probs: &[f32],
+    corr: f32,
+    acc: *mut f32,
+    hd: usize,
+) -> bool {
+    if !hd.is_multiple_of(V::WIDTH) {
+        return false;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match hd / V::WIDTH {
+            4 => pv_row::<V, T, 4>(values, probs, corr, acc, hd),
+            7 => pv_row::<V, T, 7>(values, probs, corr, acc, hd),
+            8 => pv_row::<V, T, 8>(values, probs, corr, acc, hd),
+            _ => return false,
         }
     }
     true
@@ -457,22 +480,14 @@ unsafe fn pass<V: Vector, T: KvElem, const RQ: usize>(
                     n_keys[v] = lanes[v].min(last_pos + 1 - first[v]);
                 }
             }
-            // A single query (decode) holds its whole output row in registers, keys outer
-            // (head widths of the MPT models: 64, 112 and 128 on AVX-512, 64 on AVX2).
+            // A single query (decode) holds its whole output row in registers, keys outer.
             let values = TileValues {
                 rows: vr,
                 at,
                 n_keys,
                 lanes,
             };
-            let held = RQ == 1
-                && hd.is_multiple_of(w)
-                && match hd / w {
-                    4 => pv_row::<V, T, 4>(&values, &probs[0], corr[0], ap, hd),
-                    7 => pv_row::<V, T, 7>(&values, &probs[0], corr[0], ap, hd),
-                    8 => pv_row::<V, T, 8>(&values, &probs[0], corr[0], ap, hd),
-                    _ => false,
-                };
+            let held = RQ == 1 && pv_row_if_held::<V, T>(&values, &probs[0], corr[0], ap, hd);
             let mut dv = if held { hd } else { 0 };
             while dv < hd {
                 let width = w.min(hd - dv);

@@ -115,7 +115,7 @@ mod x86 {
 
     use super::{Columns, widen};
     use crate::kernels::cpu::lane_sums::x86::store_tile;
-    use crate::kernels::cpu::prefetch::{LINE, prefetch_l2_range};
+    use crate::kernels::cpu::prefetch::{LINE, prefetch_l2_range, prefetch_l2_share};
 
     /// bf16 values per 512-bit register.
     const WIDTH: usize = 32;
@@ -156,13 +156,12 @@ mod x86 {
         // The next `RA` weight rows (they follow in memory) into L2, a share before each pass
         // over the activation rows, as `matmul.rs` does: alone, the hardware prefetcher leaves
         // the first pass over each group of rows waiting on memory.
-        let share = (RA * k * 2).div_ceil(m.div_ceil(4)).next_multiple_of(LINE);
         let next = w.as_ptr().wrapping_add((r0 + RA) * k).cast::<u8>();
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
         unsafe {
             while c + 4 <= m {
-                prefetch_l2_range(next.wrapping_add(c / 4 * share), share);
+                prefetch_l2_share(next, RA * k * 2, m.div_ceil(4), c / 4);
                 tile::<RA, 4>(w, r0, x, c, k, out);
                 c += 4;
             }

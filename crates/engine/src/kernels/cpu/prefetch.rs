@@ -16,6 +16,15 @@ pub(crate) fn prefetch_l2(p: *const u8) {
     let _ = p;
 }
 
+/// Part `part` of `parts` equal, whole-line shares of the `bytes` bytes from `p`, into L2: a
+/// kernel that passes several times over a group of weight rows fetches the next group a share
+/// per pass.
+#[inline(always)]
+pub(crate) fn prefetch_l2_share(p: *const u8, bytes: usize, parts: usize, part: usize) {
+    let share = bytes.div_ceil(parts.max(1)).next_multiple_of(LINE);
+    prefetch_l2_range(p.wrapping_add(part * share), share);
+}
+
 /// [`prefetch_l2`] for every line of the `bytes` bytes from `p`.
 #[inline(always)]
 pub(crate) fn prefetch_l2_range(p: *const u8, bytes: usize) {

@@ -373,7 +373,7 @@ mod x86 {
 
     use super::{Columns, QK, QuantizedActs, SUPER, WeightRows};
     use crate::kernels::cpu::lane_sums::x86::store_tile;
-    use crate::kernels::cpu::prefetch::{LINE, prefetch_l2_range};
+    use crate::kernels::cpu::prefetch::{prefetch_l2_range, prefetch_l2_share};
 
     /// How many decode tiles ahead the weights are prefetched.
     const PREFETCH_TILES: usize = 4;
@@ -422,7 +422,6 @@ mod x86 {
         // The next `RA` weight rows into L2, a share before each pass over the activation
         // rows (as in `bf16.rs`); the scales, an eighth as large, before the first pass.
         let k = w.k;
-        let share = (RA * k).div_ceil(act.m.div_ceil(4)).next_multiple_of(LINE);
         let next = w.qs.as_ptr().wrapping_add((r0 + RA) * k);
         let mut c = 0;
         // SAFETY: forwarded from `rows`.
@@ -432,7 +431,7 @@ mod x86 {
                 prefetch_l2_range(scales.cast(), RA * (k / QK) * 2);
             }
             while c + 4 <= act.m {
-                prefetch_l2_range(next.wrapping_add(c / 4 * share), share);
+                prefetch_l2_share(next, RA * k, act.m.div_ceil(4), c / 4);
                 tile::<RA, 4>(w, r0, act, c, out);
                 c += 4;
             }
