@@ -290,6 +290,11 @@ mod tests {
                 DType::BF16,
             ),
             (
+                "bf16 weights, f32 rows",
+                Linear::new(w.to_dtype(DType::BF16)?, None),
+                DType::F32,
+            ),
+            (
                 "q8_0",
                 Linear::with_weight(Weight::Q8(Arc::new(quantize_matrix(&values, n, k))), None),
                 DType::F32,
@@ -320,6 +325,35 @@ mod tests {
                     from + m
                 );
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_weights_give_f32_rows_the_bf16_rows_result_before_its_rounding()
+    -> candle_core::Result<()> {
+        // f32 activations with bf16 weights must be rounded to bf16 exactly as a bf16 tensor
+        // is (nearest even), so the two paths differ only in the output's final rounding.
+        let dev = candle_core::Device::Cpu;
+        let (n, k) = (70, 288);
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let layer = Linear::new(w, None);
+        for rows in [1, 5, 33] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+            let from_f32 = layer.forward(&x, RowRouting::BatchInvariant)?;
+            assert_eq!(from_f32.dtype(), DType::F32);
+            let from_bf16 = layer.forward(&x.to_dtype(DType::BF16)?, RowRouting::BatchInvariant)?;
+            let bits = |t: &Tensor| -> candle_core::Result<Vec<u16>> {
+                let v = t
+                    .to_dtype(DType::BF16)?
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?;
+                Ok(v.into_iter().map(half::bf16::to_bits).collect())
+            };
+            assert!(
+                bits(&from_f32)? == bits(&from_bf16)?,
+                "{rows} rows: f32 input rounded differently from a bf16 tensor"
+            );
         }
         Ok(())
     }
