@@ -2,7 +2,8 @@
 //! ([`matmul`]), vectorisable `exp`/`erf` ([`fast_math`]), the exact-erf GELU ([`gelu`]),
 //! flash-style attention tiles ([`attention_tile`]) over f32/f16/bf16 KV pools ([`kv_elem`])
 //! with their SIMD vectors ([`vector`]), ggml's block formats ([`quant_formats`], [`k_quants`],
-//! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`]) and the bf16 matmul ([`bf16`]). The three
+//! [`ggml_scalars`]), the int8 Q8_0 matmul ([`q8_0`], with
+//! [`q8_0_avx2`] for CPUs without AVX-512) and the bf16 matmul ([`bf16`]). The three
 //! matmuls split their work with [`row_split`], sum their tiles with [`lane_sums`] and fetch
 //! ahead with [`prefetch`]; the parallel regions of a forward pass run on [`thread_team`].
 //! Code that uses SIMD intrinsics lives here and nowhere else.
@@ -27,6 +28,9 @@ pub(crate) mod matmul;
 pub(crate) mod prefetch;
 #[allow(unsafe_code)]
 pub(crate) mod q8_0;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(crate) mod q8_0_avx2;
 pub(crate) mod quant_formats;
 #[allow(unsafe_code)]
 pub(crate) mod row_split;

@@ -12,12 +12,15 @@
 //! (rows whose length is not a multiple of 256) stay in ggml's order. The f16 scales are kept
 //! as they are in the file, so the matrix takes exactly Q8_0's 34 bytes per 32 weights.
 //!
-//! Invariant: the AVX-512 VNNI path runs only when [`Int8Dot::detect`] found the instructions.
+//! Invariant: the AVX-512 VNNI and AVX2 paths run only when [`Int8Dot::detect`] found the
+//! instructions.
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::isa::{detect_isa, with_isa};
+#[cfg(target_arch = "x86_64")]
+use super::q8_0_avx2;
 use super::row_split::{Columns, par_columns};
 use super::thread_team;
 
@@ -37,6 +40,9 @@ pub(crate) enum Int8Dot {
     /// AVX-512 with VNNI (`vpdpbusd`) and BW.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// AVX2 with FMA and F16C (`vpmaddubsw` on magnitudes and signs, see [`super::q8_0_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// Plain Rust.
     Portable,
 }
@@ -51,6 +57,13 @@ impl Int8Dot {
         {
             return Self::Avx512Vnni;
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Self::Avx2;
+        }
         Self::Portable
     }
 
@@ -58,7 +71,14 @@ impl Int8Dot {
     #[cfg(test)]
     pub(crate) fn all_supported() -> Vec<Self> {
         let mut all = vec![Self::Portable];
-        if Self::detect() != Self::Portable {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            all.push(Self::Avx2);
+        }
+        if !all.contains(&Self::detect()) {
             all.push(Self::detect());
         }
         all
@@ -161,6 +181,10 @@ impl Q8Matrix {
                 // detected at run time.
                 #[cfg(target_arch = "x86_64")]
                 Int8Dot::Avx512Vnni => unsafe { x86::rows(w, rows, &act, cols) },
+                // SAFETY: an `Int8Dot` of this kind exists only once AVX2, FMA and F16C were
+                // detected at run time.
+                #[cfg(target_arch = "x86_64")]
+                Int8Dot::Avx2 => unsafe { q8_0_avx2::rows(act.operands(w), rows, cols) },
                 Int8Dot::Portable => portable_rows(w, rows, &act, cols),
             }
             tail_rows(w, rows, &act, cols);
@@ -244,6 +268,22 @@ impl QuantizedActs {
             },
         );
         a
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl QuantizedActs {
+    /// The AVX2 kernel's view of these activations and a task's weight rows.
+    fn operands<'a>(&'a self, w: WeightRows<'a>) -> q8_0_avx2::Operands<'a> {
+        q8_0_avx2::Operands {
+            w_qs: w.qs,
+            w_scales: w.scales,
+            x_qs: &self.qs,
+            x_scales: &self.scales,
+            x_scale_stride: self.scales.len() / self.m.max(1),
+            k: self.k,
+            m: self.m,
+        }
     }
 }
 

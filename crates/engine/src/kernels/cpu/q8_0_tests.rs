@@ -167,3 +167,60 @@ fn activation_rows_are_laid_out_like_the_weights() {
         assert_eq!(f16::from_f32(lane_scale), w.scales[b], "scale {b}");
     }
 }
+
+#[test]
+fn extreme_values_sum_exactly_on_every_path() {
+    // ggml's quantizer writes values in -127..=127, but a file may hold -128; with activations
+    // at ±127 every pair of products is at its largest, where a 16-bit pair sum would
+    // saturate if the AVX2 path got its operands wrong.
+    let (n, k) = (9, 512);
+    let mut w = vec![0u8; n * k / QK * 34];
+    for (b, block) in w.chunks_exact_mut(34).enumerate() {
+        block[..2].copy_from_slice(&f16::from_f32(0.5 + b as f32 / 64.0).to_le_bytes());
+        for (e, q) in block[2..].iter_mut().enumerate() {
+            *q = match (b + e) % 3 {
+                0 => 0x80, // -128
+                1 => 127,
+                _ => 0x81, // -127
+            };
+        }
+    }
+    let matrix = Q8Matrix::from_ggml(&w, n, k);
+    for m in [1, 5] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| if (i / 7) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let want = reference(&w, n, k, &x, m);
+        for dot in Int8Dot::all_supported() {
+            let got = matrix.matmul(dot, &x, m);
+            for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{dot:?} m={m} at {idx}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_path_gives_a_row_the_same_bits_in_any_batch() {
+    let (n, k, total) = (21, 800, 11); // three super-blocks and a tail block
+    let matrix = quantize_matrix(&pseudo(n * k, 5), n, k);
+    let x = pseudo(total * k, 6);
+    for dot in Int8Dot::all_supported() {
+        let all = matrix.matmul(dot, &x, total);
+        for (from, m) in [(0, 1), (4, 1), (2, 4), (3, 5), (0, total)] {
+            let got = matrix.matmul(dot, &x[from * k..(from + m) * k], m);
+            let same = got
+                .iter()
+                .zip(&all[from * n..(from + m) * n])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{dot:?}: rows {from}..{} differ in a batch of {total}",
+                from + m
+            );
+        }
+    }
+}
