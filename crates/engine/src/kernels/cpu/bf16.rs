@@ -1,17 +1,19 @@
 //! The bf16 matmul: `x (m, k) · w (n, k)ᵀ → (m, n)` in f32, both operands bf16 and
 //! k-contiguous. With AVX512-BF16 each `vdpbf16ps` multiplies 32 bf16 pairs and adds them into
-//! 16 f32 lanes; elsewhere bf16 is widened to f32 in registers (a 16-bit shift) and multiplied
-//! with ordinary FMAs. Nothing is converted ahead of the call: the weights are read as stored.
+//! 16 f32 lanes; on AVX2 the weights are widened to f32 in registers (a 16-bit shift) and
+//! multiplied with ordinary FMAs, the few activation rows widened once per call; elsewhere a
+//! plain loop the compiler vectorises. The weights are read as stored, never converted.
 //!
 //! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode (prefetching the
-//! rows two tiles ahead), 4 × 4 otherwise; weight rows split over threads by
-//! [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the AVX512-BF16
-//! path runs only when [`Bf16Dot::detect`] found the instructions.
+//! rows two tiles ahead), 4 × 4 (AVX-512) or 2 × 4 (AVX2) otherwise; weight rows split over
+//! threads by [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the
+//! AVX512-BF16 and AVX2 paths run only when [`Bf16Dot::detect`] found the instructions.
 
 use half::bf16;
 
 use super::isa::{Isa, detect_isa, with_isa};
 use super::row_split::{Columns, par_columns};
+use super::thread_team::map_elements;
 
 /// Which bf16 dot-product code runs; only [`Bf16Dot::detect`] makes the SIMD one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +21,9 @@ pub(crate) enum Bf16Dot {
     /// AVX-512 with the BF16 extension (`vdpbf16ps`).
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
+    /// AVX2 tiles: weights widened to f32 in registers, activations widened once per call.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// Widen to f32 and FMA, compiled for the best f32 instruction set found.
     Widen(Isa),
 }
@@ -33,6 +38,10 @@ impl Bf16Dot {
         {
             return Self::Avx512Bf16;
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Self::Avx2;
+        }
         Self::Widen(detect_isa())
     }
 
@@ -40,6 +49,10 @@ impl Bf16Dot {
     #[cfg(test)]
     pub(crate) fn all_supported() -> Vec<Self> {
         let mut all: Vec<Self> = Isa::all_supported().into_iter().map(Self::Widen).collect();
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            all.push(Self::Avx2);
+        }
         #[cfg(target_arch = "x86_64")]
         if Self::detect() == Self::Avx512Bf16 {
             all.push(Self::Avx512Bf16);
@@ -64,12 +77,21 @@ pub(crate) fn bf16_matmul_nt(
     if k == 0 {
         return vec![0f32; m * n];
     }
+    // The AVX2 tiles read the activations as f32: widened once here (exactly), not per tile.
+    #[cfg(target_arch = "x86_64")]
+    let wide: Vec<f32> = match dot {
+        Bf16Dot::Avx2 => map_elements(x, |&v| widen(v)),
+        _ => Vec::new(),
+    };
     par_columns(m, n, 2 * k, |cols| {
         let rows = &w[cols.first() * k..][..cols.len() * k];
         match dot {
             // SAFETY: an `Avx512Bf16` exists only once AVX-512 F/BW/BF16 were detected.
             #[cfg(target_arch = "x86_64")]
             Bf16Dot::Avx512Bf16 => unsafe { x86::rows(rows, x, m, k, cols) },
+            // SAFETY: an `Avx2` exists only once AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Bf16Dot::Avx2 => unsafe { avx2::rows(rows, &wide, m, k, cols) },
             Bf16Dot::Widen(isa) => with_isa(isa, || widen_rows(rows, x, m, k, cols)),
         }
     })
@@ -221,6 +243,122 @@ mod x86 {
                             .sum();
                         out.add(c0 + c, r0 + r, tail);
                     }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use super::{Columns, widen};
+    use crate::kernels::cpu::lane_sums::x86::sum_avx2;
+    use crate::kernels::cpu::prefetch::{LINE, prefetch_l2_range, prefetch_l2_share};
+
+    /// f32 lanes per register.
+    const WIDTH: usize = 8;
+    /// bf16 weights per cache line.
+    const PER_LINE: usize = LINE / 2;
+
+    /// Output `(c, r)` = `w_r · x_c` for f32 activation rows `x`: 8 weight rows against one
+    /// activation row (decode), else 2 × 4 tiles as the f32 kernel's AVX2 path (16 registers).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(w: &[bf16], x: &[f32], m: usize, k: usize, out: Columns<'_>) {
+        let rows = w.len() / k;
+        assert!(x.len() >= m * k && out.len() >= rows);
+        let mut r = 0;
+        // SAFETY (all calls): features enabled here; the assert bounds every row.
+        unsafe {
+            if m == 1 {
+                while r + 8 <= rows {
+                    tile::<8, 1>(w, r, x, 0, k, out);
+                    r += 8;
+                }
+            }
+            while r + 2 <= rows {
+                cols::<2>(w, r, x, m, k, out);
+                r += 2;
+            }
+            while r < rows {
+                cols::<1>(w, r, x, m, k, out);
+                r += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn cols<const RA: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: Columns<'_>,
+    ) {
+        // The next `RA` weight rows into L2, a share before each pass over the activations.
+        let next = w.as_ptr().wrapping_add((r0 + RA) * k).cast::<u8>();
+        let mut c = 0;
+        // SAFETY: forwarded from `rows`.
+        unsafe {
+            while c + 4 <= m {
+                prefetch_l2_share(next, RA * k * 2, m.div_ceil(4), c / 4);
+                tile::<RA, 4>(w, r0, x, c, k, out);
+                c += 4;
+            }
+            while c < m {
+                tile::<RA, 1>(w, r0, x, c, k, out);
+                c += 1;
+            }
+        }
+    }
+
+    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<const RA: usize, const RB: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[f32],
+        c0: usize,
+        k: usize,
+        out: Columns<'_>,
+    ) {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= k`, inside rows r0 + r and
+        // c0 + c, which the callers keep inside `w` and `x`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); RB]; RA];
+            // Decode: the rows two tiles ahead into L2, a line per row per line consumed.
+            let next = wp.wrapping_add((r0 + 2 * RA) * k).cast::<u8>();
+            let mut i = 0;
+            while i + WIDTH <= k {
+                if RB == 1 && i.is_multiple_of(PER_LINE) {
+                    prefetch_l2_range(next.wrapping_add(i / PER_LINE * RA * LINE), RA * LINE);
+                }
+                // bf16 → f32 is the 16 bits moved to the top of a 32-bit lane.
+                let wv: [__m256; RA] = std::array::from_fn(|r| {
+                    let h = _mm_loadu_si128(wp.add((r0 + r) * k + i).cast());
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                });
+                for c in 0..RB {
+                    let xv = _mm256_loadu_ps(xp.add((c0 + c) * k + i));
+                    for r in 0..RA {
+                        acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                    }
+                }
+                i += WIDTH;
+            }
+            for r in 0..RA {
+                for c in 0..RB {
+                    let tail: f32 = (i..k)
+                        .map(|j| widen(w[(r0 + r) * k + j]) * x[(c0 + c) * k + j])
+                        .sum();
+                    out.set(c0 + c, r0 + r, sum_avx2(acc[r][c]) + tail);
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! Horizontal sums of 512-bit f32 accumulators, many at once, in one fixed order.
+//! Horizontal sums of 512-bit f32 accumulators, many at once, in one fixed order (and of
+//! 256-bit ones, one at a time, for the AVX2 kernels).
 //!
 //! A matmul tile ends with one accumulator register per output element; summing each one's 16
 //! lanes separately (`_mm512_reduce_add_ps`) costs about as much as the dot products themselves
@@ -84,6 +85,18 @@ pub(crate) mod x86 {
             (l[0] + l[2]) + (l[1] + l[3])
         });
         (q[0] + q[1]) + (q[2] + q[3])
+    }
+
+    /// The sum of a 256-bit register's lanes, in one fixed order:
+    /// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))` (the AVX2 kernels' tiles).
+    #[inline(always)]
+    pub(crate) unsafe fn sum_avx2(v: __m256) -> f32 {
+        // SAFETY: the caller enabled AVX.
+        unsafe {
+            let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+        }
     }
 
     /// Writes a tile's sums: `acc[r][c]` is output `(c0 + c, r0 + r)`. The 8 × 1 and 4 × 4

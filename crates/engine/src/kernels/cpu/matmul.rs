@@ -125,12 +125,8 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn sum(self) -> f32 {
-            let half = _mm_add_ps(
-                _mm256_castps256_ps128(self.0),
-                _mm256_extractf128_ps(self.0, 1),
-            );
-            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+            // SAFETY: AVX2 is enabled here.
+            unsafe { lane_sums::sum_avx2(self.0) }
         }
     }
 }

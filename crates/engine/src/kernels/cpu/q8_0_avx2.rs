@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 
+use super::lane_sums::x86::sum_avx2;
 use super::prefetch::{prefetch_l2_range, prefetch_l2_share};
 use super::row_split::Columns;
 
@@ -167,19 +168,8 @@ unsafe fn tile<const RA: usize, const RB: usize>(
         }
         for r in 0..RA {
             for c in 0..RB {
-                out.set(c0 + c, r0 + r, sum(facc[r][c]));
+                out.set(c0 + c, r0 + r, sum_avx2(facc[r][c]));
             }
         }
-    }
-}
-
-/// The sum of `v`'s lanes, in one fixed order: `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
-#[inline(always)]
-unsafe fn sum(v: __m256) -> f32 {
-    // SAFETY: the caller enabled AVX2.
-    unsafe {
-        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
     }
 }
