@@ -5,7 +5,7 @@
 //! plain loop the compiler vectorises. The weights are read as stored, never converted.
 //!
 //! Tiles as in [`super::matmul`]: 8 weight rows × 1 activation row for decode (prefetching the
-//! rows two tiles ahead), 4 × 4 (AVX-512) or 2 × 4 (AVX2) otherwise; weight rows split over
+//! rows two tiles ahead), 4 × 4 (AVX-512) or 3 × 4 (AVX2) otherwise; weight rows split over
 //! threads by [`super::row_split`], each tile summed by [`super::lane_sums`]. Invariant: the
 //! AVX512-BF16 and AVX2 paths run only when [`Bf16Dot::detect`] found the instructions.
 
@@ -266,7 +266,8 @@ mod avx2 {
     const PER_LINE: usize = LINE / 2;
 
     /// Output `(c, r)` = `w_r · x_c` for f32 activation rows `x`: 8 weight rows against one
-    /// activation row (decode), else 2 × 4 tiles as the f32 kernel's AVX2 path (16 registers).
+    /// activation row (decode), else 3 × 4 tiles: 12 accumulators, 3 weight vectors and one
+    /// activation vector fill the 16 registers.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn rows(w: &[bf16], x: &[f32], m: usize, k: usize, out: Columns<'_>) {
         let rows = w.len() / k;
@@ -280,9 +281,9 @@ mod avx2 {
                     r += 8;
                 }
             }
-            while r + 2 <= rows {
-                cols::<2>(w, r, x, m, k, out);
-                r += 2;
+            while r + 3 <= rows {
+                cols::<3>(w, r, x, m, k, out);
+                r += 3;
             }
             while r < rows {
                 cols::<1>(w, r, x, m, k, out);
