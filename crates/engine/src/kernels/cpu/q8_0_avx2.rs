@@ -54,6 +54,9 @@ pub(super) struct Operands<'a> {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows(op: Operands<'_>, rows: usize, out: Columns<'_>) {
+    if op.k < SUPER || op.m == 0 {
+        return;
+    }
     assert!(
         op.w_qs.len() >= rows * op.k
             && op.w_scales.len() >= rows * (op.k / QK)
@@ -62,9 +65,6 @@ pub(super) unsafe fn rows(op: Operands<'_>, rows: usize, out: Columns<'_>) {
             && op.x_scale_stride >= 16 * (op.k / SUPER)
             && out.len() >= rows
     );
-    if op.k < SUPER {
-        return;
-    }
     let mut r = 0;
     // SAFETY (all calls): the features are enabled here; the assert above bounds every row.
     unsafe {

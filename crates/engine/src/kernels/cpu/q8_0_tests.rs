@@ -46,6 +46,7 @@ fn every_path_matches_the_dequantized_product() {
         (5, 96, 9),
         (7, 544, 33),
         (1, 32, 3),
+        (0, 256, 8),
     ] {
         let wf = pseudo(n * k, 1 + k as u64);
         let mut w = vec![0u8; n * k / QK * 34];
