@@ -39,7 +39,7 @@ impl Bf16Dot {
             return Self::Avx512Bf16;
         }
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if avx2_detected() {
             return Self::Avx2;
         }
         Self::Widen(detect_isa())
@@ -50,7 +50,7 @@ impl Bf16Dot {
     pub(crate) fn all_supported() -> Vec<Self> {
         let mut all: Vec<Self> = Isa::all_supported().into_iter().map(Self::Widen).collect();
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if avx2_detected() {
             all.push(Self::Avx2);
         }
         #[cfg(target_arch = "x86_64")]
@@ -59,6 +59,12 @@ impl Bf16Dot {
         }
         all
     }
+}
+
+/// Whether the CPU has what [`Bf16Dot::Avx2`] needs: AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn avx2_detected() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// `(m, k) · (n, k)ᵀ`, returned row-major `(m, n)` in f32.

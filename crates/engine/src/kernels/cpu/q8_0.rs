@@ -58,10 +58,7 @@ impl Int8Dot {
             return Self::Avx512Vnni;
         }
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if avx2_detected() {
             return Self::Avx2;
         }
         Self::Portable
@@ -72,10 +69,7 @@ impl Int8Dot {
     pub(crate) fn all_supported() -> Vec<Self> {
         let mut all = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if avx2_detected() {
             all.push(Self::Avx2);
         }
         if !all.contains(&Self::detect()) {
@@ -83,6 +77,14 @@ impl Int8Dot {
         }
         all
     }
+}
+
+/// Whether the CPU has what [`Int8Dot::Avx2`] needs: AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+fn avx2_detected() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 /// A `(rows, k)` Q8_0 matrix in the interleaved layout above.
