@@ -147,13 +147,25 @@ mod x86 {
 
     /// bf16 values per 512-bit register.
     const WIDTH: usize = 32;
+    /// Values of k per pass of the 4 × 4 tiles over longer rows: the 4 weight rows' share
+    /// (8 KB) stays in L1 while every group of activation rows passes over it. Whole rows of
+    /// 4096 (64 KB per tile with the activations) spill to L2 on every pass.
+    const CHUNK: usize = 1024;
+    /// Rows up to this long are passed over whole: a tile's weights and activations fit L1.
+    const WHOLE_UP_TO: usize = 2048;
+    /// Groups of 4 activation rows at most that pass over k in chunks (a decode step of up
+    /// to 32 sequences); a prefill chunk's many groups reuse each weight share often enough.
+    const CHUNKED_GROUPS: usize = 8;
+
+    /// One 4 × 4 tile's lane sums, kept between the passes over k.
+    type Lanes = [[__m512; 4]; 4];
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn rows(w: &[bf16], x: &[bf16], m: usize, k: usize, out: Columns<'_>) {
         let rows = w.len() / k;
         assert!(x.len() >= m * k && out.len() >= rows);
         let mut r = 0;
-        // SAFETY (all calls): features enabled here; the assert bounds every row.
+        // SAFETY (all calls): features enabled here; the assert above bounds every row.
         unsafe {
             if m == 1 {
                 while r + 8 <= rows {
@@ -161,17 +173,24 @@ mod x86 {
                     r += 8;
                 }
             }
+            let mut lanes: [Lanes; CHUNKED_GROUPS] =
+                [[[_mm512_setzero_ps(); 4]; 4]; CHUNKED_GROUPS];
             while r + 4 <= rows {
-                cols::<4>(w, r, x, m, k, out);
+                cols::<4>(w, r, x, m, k, out, &mut lanes);
                 r += 4;
             }
             while r < rows {
-                cols::<1>(w, r, x, m, k, out);
+                cols::<1>(w, r, x, m, k, out, &mut lanes);
                 r += 1;
             }
         }
     }
 
+    /// Weight rows `r0..r0 + RA` against every activation row, in groups of 4. Rows longer
+    /// than [`WHOLE_UP_TO`] against at most [`CHUNKED_GROUPS`] groups are passed over a
+    /// [`CHUNK`] at a time, each group keeping its lane sums in `lanes` between passes, so
+    /// that every lane adds the same products in the same order as an unbroken loop (the
+    /// decode tile's) and a row's bits stay those of any batch.
     #[inline(always)]
     unsafe fn cols<const RA: usize>(
         w: &[bf16],
@@ -180,28 +199,43 @@ mod x86 {
         m: usize,
         k: usize,
         out: Columns<'_>,
+        lanes: &mut [Lanes],
     ) {
-        // The next `RA` weight rows (they follow in memory) into L2, a share before each pass
-        // over the activation rows, as `matmul.rs` does: alone, the hardware prefetcher leaves
-        // the first pass over each group of rows waiting on memory.
+        // The next `RA` weight rows (they follow in memory) into L2, a share before each pass,
+        // as `matmul.rs` does: alone, the hardware prefetcher leaves the first pass over each
+        // group of rows waiting on memory.
         let next = w.as_ptr().wrapping_add((r0 + RA) * k).cast::<u8>();
-        let mut c = 0;
-        // SAFETY: forwarded from `rows`.
+        let (groups, full) = (m / 4, k / WIDTH * WIDTH);
+        // SAFETY: forwarded from `rows`; `lanes` holds a tile per group of 4 rows.
         unsafe {
-            while c + 4 <= m {
-                prefetch_l2_share(next, RA * k * 2, m.div_ceil(4), c / 4);
-                tile::<RA, 4>(w, r0, x, c, k, out);
-                c += 4;
+            if k <= WHOLE_UP_TO || groups > lanes.len() {
+                for g in 0..groups {
+                    prefetch_l2_share(next, RA * k * 2, groups, g);
+                    tile::<RA, 4>(w, r0, x, 4 * g, k, out);
+                }
+            } else {
+                let passes = full.div_ceil(CHUNK) * groups;
+                for (chunk, i0) in (0..full).step_by(CHUNK).enumerate() {
+                    let i1 = (i0 + CHUNK).min(full);
+                    for (g, lane) in lanes[..groups].iter_mut().enumerate() {
+                        prefetch_l2_share(next, RA * k * 2, passes, chunk * groups + g);
+                        let acc = (&mut lane[..RA]).try_into().expect("RA <= 4");
+                        part::<RA, 4>(w, r0, x, 4 * g, k, i0..i1, acc);
+                    }
+                }
+                for (g, lane) in lanes[..groups].iter().enumerate() {
+                    let acc: &[[__m512; 4]; RA] = (&lane[..RA]).try_into().expect("RA <= 4");
+                    store_tile(acc, out, r0, 4 * g);
+                    add_tail::<RA, 4>(w, r0, x, 4 * g, k, out);
+                }
             }
-            while c < m {
+            for c in 4 * groups..m {
                 tile::<RA, 1>(w, r0, x, c, k, out);
-                c += 1;
             }
         }
     }
 
-    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
-    #[allow(clippy::needless_range_loop)]
+    /// Weight rows `r0..r0 + RA` against activation rows `c0..c0 + RB` in one pass over k.
     #[inline(always)]
     unsafe fn tile<const RA: usize, const RB: usize>(
         w: &[bf16],
@@ -211,15 +245,42 @@ mod x86 {
         k: usize,
         out: Columns<'_>,
     ) {
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= k`, inside rows r0 + r and
-        // c0 + c, which the callers keep inside `w` and `x`.
+        // SAFETY: forwarded from the callers, which keep the rows inside `w` and `x`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); RB]; RA];
+            part::<RA, RB>(w, r0, x, c0, k, 0..k / WIDTH * WIDTH, &mut acc);
+            store_tile(&acc, out, r0, c0);
+            add_tail::<RA, RB>(w, r0, x, c0, k, out);
+        }
+    }
+
+    /// Adds the products over values `range` (whole registers) to the tile's lane sums,
+    /// starting them from zero at the first value.
+    // `c` and `r` are the tile's coordinates; both index the accumulator grid.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn part<const RA: usize, const RB: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[bf16],
+        c0: usize,
+        k: usize,
+        range: std::ops::Range<usize>,
+        lanes: &mut [[__m512; RB]; RA],
+    ) {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // SAFETY: loads read `WIDTH` values at `i` with `i + WIDTH <= range.end <= k`, inside
+        // rows r0 + r and c0 + c, which the callers keep inside `w` and `x`.
+        unsafe {
+            let mut acc = if range.start == 0 {
+                [[_mm512_setzero_ps(); RB]; RA]
+            } else {
+                *lanes
+            };
             // Decode: the rows two tiles ahead into L2 while this one computes (as in `q8_0`).
             let next = wp.wrapping_add((r0 + 2 * RA) * k).cast::<u8>();
-            let mut i = 0;
-            while i + WIDTH <= k {
+            let mut i = range.start;
+            while i + WIDTH <= range.end {
                 if RB == 1 {
                     prefetch_l2_range(next.wrapping_add(i / WIDTH * RA * LINE), RA * LINE);
                 }
@@ -240,16 +301,31 @@ mod x86 {
                 }
                 i += WIDTH;
             }
-            store_tile(&acc, out, r0, c0);
-            if i < k {
-                for r in 0..RA {
-                    for c in 0..RB {
-                        let tail: f32 = (i..k)
-                            .map(|j| widen(w[(r0 + r) * k + j]) * widen(x[(c0 + c) * k + j]))
-                            .sum();
-                        out.add(c0 + c, r0 + r, tail);
-                    }
-                }
+            *lanes = acc;
+        }
+    }
+
+    /// Adds the values past the last whole register (`k % 32` of them) to outputs already
+    /// stored, one at a time.
+    #[inline(always)]
+    fn add_tail<const RA: usize, const RB: usize>(
+        w: &[bf16],
+        r0: usize,
+        x: &[bf16],
+        c0: usize,
+        k: usize,
+        out: Columns<'_>,
+    ) {
+        let full = k / WIDTH * WIDTH;
+        if full == k {
+            return;
+        }
+        for r in 0..RA {
+            for c in 0..RB {
+                let tail: f32 = (full..k)
+                    .map(|j| widen(w[(r0 + r) * k + j]) * widen(x[(c0 + c) * k + j]))
+                    .sum();
+                out.add(c0 + c, r0 + r, tail);
             }
         }
     }
@@ -375,6 +451,29 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rows_bits_do_not_depend_on_the_rows_beside_it() {
+        // k: long enough for several of the multi-row tiles' passes, a partial one and a tail.
+        let (k, n) = (2600, 13);
+        let x = pseudo(9 * k, 3);
+        let w = pseudo(n * k, 4);
+        for dot in Bf16Dot::all_supported() {
+            let alone: Vec<Vec<f32>> = (0..9)
+                .map(|i| bf16_matmul_nt(dot, &x[i * k..][..k], 1, k, &w, n))
+                .collect();
+            for m in 2..=9 {
+                let got = bf16_matmul_nt(dot, &x[..m * k], m, k, &w, n);
+                for (i, row) in got.chunks(n).enumerate() {
+                    let same = row
+                        .iter()
+                        .zip(&alone[i])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dot:?} m={m}: row {i} differs from the row alone");
+                }
+            }
+        }
+    }
 
     fn pseudo(n: usize, seed: usize) -> Vec<bf16> {
         (0..n)
