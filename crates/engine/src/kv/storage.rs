@@ -49,13 +49,20 @@ impl<T: KvElem> Pools<T> {
         let (block, head, slot) = at;
         let (bs, hd) = (geom.block_size, geom.head_dim);
         let base = geom.head_base(block, head);
-        for (d, &x) in k[..hd].iter().enumerate() {
-            self.k[base + d * bs + slot] = T::from_f32(x);
+        // The key is rounded as one row, then stored a channel per `block_size` (transposed).
+        let mut rounded = [T::default(); 256];
+        let mut spill = Vec::new();
+        let key = if hd <= rounded.len() {
+            &mut rounded[..hd]
+        } else {
+            spill.resize(hd, T::default());
+            &mut spill[..]
+        };
+        T::from_f32_slice(&k[..hd], key);
+        for (d, &x) in key.iter().enumerate() {
+            self.k[base + d * bs + slot] = x;
         }
-        let row = &mut self.v[base + slot * hd..base + (slot + 1) * hd];
-        for (dst, &x) in row.iter_mut().zip(v) {
-            *dst = T::from_f32(x);
-        }
+        T::from_f32_slice(&v[..hd], &mut self.v[base + slot * hd..][..hd]);
     }
 }
 
