@@ -49,18 +49,16 @@ impl<T: KvElem> Pools<T> {
         let (block, head, slot) = at;
         let (bs, hd) = (geom.block_size, geom.head_dim);
         let base = geom.head_base(block, head);
-        // The key is rounded as one row, then stored a channel per `block_size` (transposed).
-        let mut rounded = [T::default(); 256];
-        let mut spill = Vec::new();
-        let key = if hd <= rounded.len() {
-            &mut rounded[..hd]
-        } else {
-            spill.resize(hd, T::default());
-            &mut spill[..]
-        };
-        T::from_f32_slice(&k[..hd], key);
-        for (d, &x) in key.iter().enumerate() {
-            self.k[base + d * bs + slot] = x;
+        // The key is rounded a run of channels at a time, then stored a channel per
+        // `block_size` (transposed).
+        const RUN: usize = 64;
+        let mut rounded = [T::default(); RUN];
+        for (c, channels) in k[..hd].chunks(RUN).enumerate() {
+            let run = &mut rounded[..channels.len()];
+            T::from_f32_slice(channels, run);
+            for (d, &x) in run.iter().enumerate() {
+                self.k[base + (c * RUN + d) * bs + slot] = x;
+            }
         }
         T::from_f32_slice(&v[..hd], &mut self.v[base + slot * hd..][..hd]);
     }
