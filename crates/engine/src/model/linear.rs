@@ -6,7 +6,9 @@
 //! candle's GEMM, whose per-element sums depend on the row count. Other dtypes and devices go to
 //! candle's matmul. Quantized weights ([`Weight`]) go to our int8 Q8_0 kernel
 //! (`kernels::cpu::q8_0`) on the CPU, and to candle's quantized matmul for the other ggml formats
-//! and on CUDA; bf16 weights on the CPU to our bf16 kernel (`kernels::cpu::bf16`).
+//! and on CUDA; bf16 weights on the CPU to our bf16 kernel (`kernels::cpu::bf16`), or, on CPUs
+//! with AMX, packed into tile order at load ([`Weight::Bf16Tiles`]) for `kernels::cpu::bf16_tiles`
+//! (about 4× the prefill speed of the AVX-512 kernel, the same decode speed).
 //!
 //! Invariant: a [`Weight`] is `(out, in)`; whatever its storage, `forward` returns activations
 //! in the input's dtype. Batch invariance: with [`RowRouting::BatchInvariant`], a row's output on
@@ -17,9 +19,10 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
 use crate::kernels::cpu::bf16::{Bf16Dot, bf16_matmul_nt};
+use crate::kernels::cpu::bf16_tiles::Bf16Tiles;
 use crate::kernels::cpu::isa::detect_isa;
 use crate::kernels::cpu::matmul::matmul_nt;
 use crate::kernels::cpu::q8_0::{Int8Dot, Q8Matrix};
@@ -49,6 +52,8 @@ pub(crate) enum Weight {
     Dense(Tensor),
     /// ggml Q8_0 repacked for our int8 kernel (CPU).
     Q8(Arc<Q8Matrix>),
+    /// bf16 packed for AMX tiles (CPUs with AMX).
+    Bf16Tiles(Arc<Bf16Tiles>),
     /// Any ggml format through candle's quantized matmul (CPU or CUDA).
     Ggml(Arc<QTensor>),
 }
@@ -59,6 +64,7 @@ impl Weight {
         match self {
             Self::Dense(t) => t.dims2().unwrap_or((0, 0)),
             Self::Q8(m) => (m.rows(), m.k()),
+            Self::Bf16Tiles(t) => (t.rows(), t.k()),
             Self::Ggml(q) => q.shape().dims2().unwrap_or((0, 0)),
         }
     }
@@ -68,6 +74,7 @@ impl Weight {
         match self {
             Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Self::Q8(m) => m.bytes(),
+            Self::Bf16Tiles(t) => t.bytes(),
             Self::Ggml(q) => q.storage_size_in_bytes(),
         }
     }
@@ -91,6 +98,13 @@ impl Weight {
                 let mut out = vec![0f32; ids.len() * k];
                 for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
                     m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), k), device)?.to_dtype(dtype)
+            }
+            Self::Bf16Tiles(t) => {
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
+                    t.row_f32(id as usize, row);
                 }
                 Tensor::from_vec(out, (ids.len(), k), device)?.to_dtype(dtype)
             }
@@ -145,6 +159,7 @@ impl Linear {
                 let out = m.matmul(Int8Dot::detect(), &values, rows);
                 Tensor::from_vec(out, (rows, m.rows()), x.device())?.to_dtype(dtype)?
             }
+            Weight::Bf16Tiles(t) => x.contiguous()?.apply_op1_no_bwd(&TilesMatmul(t))?,
             Weight::Ggml(q) => {
                 let dtype = x.dtype();
                 let mm = QMatMul::from_arc(Arc::clone(q))?;
@@ -156,6 +171,32 @@ impl Linear {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
+    }
+}
+
+/// `x (m, k) · Wᵀ → (m, n)` for AMX-packed bf16 weights, the result in `x`'s dtype; f32 rows
+/// are rounded to bf16 first, as [`Bf16Matmul`] rounds them.
+struct TilesMatmul<'a>(&'a Bf16Tiles);
+
+impl CustomOp1 for TilesMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "bf16-tiles-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.0;
+        let (m, k) = l.shape().dims2()?;
+        if k != w.k() {
+            candle_core::bail!("bf16 tiles: input has {k} values per row, not {}", w.k());
+        }
+        let out = if let CpuStorage::F32(_) = s {
+            let rounded = map_elements(contiguous::<f32>(s, l)?, |&v| half::bf16::from_f32(v));
+            CpuStorage::F32(w.matmul(&rounded, m))
+        } else {
+            let out = w.matmul(contiguous::<half::bf16>(s, l)?, m);
+            CpuStorage::BF16(map_elements(&out, |&v| half::bf16::from_f32(v)))
+        };
+        Ok((out, Shape::from((m, w.rows()))))
     }
 }
 

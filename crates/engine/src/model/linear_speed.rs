@@ -132,3 +132,65 @@ fn memory_read_bandwidth_report() {
         rayon::current_num_threads()
     );
 }
+
+/// bf16 weights: our AVX-512 kernel against the AMX tiles, where the CPU has AMX.
+#[test]
+#[ignore]
+fn bf16_linear_speed_report() -> candle_core::Result<()> {
+    use crate::kernels::cpu::amx::Amx;
+    use crate::kernels::cpu::bf16_tiles::Bf16Tiles;
+    let Some(amx) = Amx::detect() else {
+        println!("no AMX on this CPU");
+        return Ok(());
+    };
+    let dev = Device::Cpu;
+    for (n, k, copies) in [
+        (4096, 4096, 8),
+        (3072, 768, 48),
+        (768, 3072, 48),
+        (2304, 768, 48),
+        (50432, 768, 2),
+    ] {
+        let mut dense = Vec::new();
+        let mut tiles = Vec::new();
+        for _ in 0..copies {
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let values = w.flatten_all()?.to_vec1::<half::bf16>()?;
+            let packed = Bf16Tiles::pack(amx, &values, n, k).expect("whole tiles");
+            tiles.push(Linear::with_weight(
+                Weight::Bf16Tiles(Arc::new(packed)),
+                None,
+            ));
+            dense.push(Linear::with_weight(Weight::Dense(w), None));
+        }
+        let bytes = (n * k * 2) as f64;
+        for m in std::env::var("SPEED_ROWS").map_or(vec![1, 4, 16, 32, 128, 512], |v| {
+            v.split(',').filter_map(|x| x.parse().ok()).collect()
+        }) {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let each = |layers: &[Linear]| {
+                time(&|| {
+                    let mut last = None;
+                    for l in layers {
+                        last = Some(l.forward(&x, RowRouting::default())?);
+                    }
+                    Ok(last.expect("at least one copy"))
+                })
+                .map(|t| t / copies as f64)
+            };
+            let (t_dense, t_tiles) = (each(&dense)?, each(&tiles)?);
+            let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+            println!(
+                "n={n:5} k={k:5} m={m:3}: avx512-bf16 {:8.3} ms ({:5.1} GB/s, {:6.1} GFLOP/s) | \
+                 amx {:8.3} ms ({:5.1} GB/s, {:6.1} GFLOP/s)",
+                t_dense * 1e3,
+                bytes / t_dense / 1e9,
+                gflop / t_dense,
+                t_tiles * 1e3,
+                bytes / t_tiles / 1e9,
+                gflop / t_tiles,
+            );
+        }
+    }
+    Ok(())
+}

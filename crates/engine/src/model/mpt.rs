@@ -407,6 +407,7 @@ impl Mpt {
             let kind = match w {
                 Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
                 Weight::Q8(_) => "q8_0".into(),
+                Weight::Bf16Tiles(_) => "bf16".into(),
                 Weight::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
             };
             *out.entry(kind).or_insert(0) += w.bytes() as u64;

@@ -1,7 +1,8 @@
 //! What each weight matrix becomes at load ([`WeightPlan`]): quantized to the `--quantization`
 //! format while it is read (one tensor at a time, so peak memory is the final size plus one
 //! tensor in f32), kept at the run dtype when its inner dimension is not a whole number of
-//! blocks, or taken as stored when a GGUF file already holds it quantized. Counts bytes per kind
+//! blocks, or taken as stored when a GGUF file already holds it quantized; a bf16 matrix on a
+//! CPU with AMX is packed into tile order (`kernels::cpu::bf16_tiles`). Counts bytes per kind
 //! for the start-up log.
 //!
 //! Invariant: a quantized matrix holds ggml's bytes for its format (Q8_0 on the CPU repacked
@@ -19,6 +20,8 @@ use rayon::prelude::*;
 use super::linear::Weight;
 use crate::api::config::Quantization;
 use crate::api::error::{EngineError, Result};
+use crate::kernels::cpu::amx::Amx;
+use crate::kernels::cpu::bf16_tiles::Bf16Tiles;
 use crate::kernels::cpu::q8_0::{Q8Matrix, quantize_matrix};
 use crate::kernels::cpu::quant_formats::GgmlFormat;
 
@@ -96,7 +99,7 @@ impl WeightPlan {
                 ));
             }
             let dense = t.to_dtype(self.dtype)?.to_device(&self.device)?;
-            return Ok(self.count(Weight::Dense(dense)));
+            return Ok(self.count(self.tiled(dense)?));
         };
         let values = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let values = values.flatten_all()?.to_vec1::<f32>()?;
@@ -114,6 +117,21 @@ impl WeightPlan {
             self.qtensor(candle_dtype(format), bytes.into(), rows, k)?
         };
         Ok(self.count(weight))
+    }
+
+    /// A bf16 matrix on the CPU packed for AMX tiles where the CPU has them and its shape is
+    /// whole tiles; any other tensor as it is.
+    fn tiled(&self, dense: Tensor) -> Result<Weight> {
+        let amx = Amx::detect().filter(|_| dense.dtype() == DType::BF16 && dense.device().is_cpu());
+        let (rows, k) = dense.dims2()?;
+        let Some(amx) = amx.filter(|_| Bf16Tiles::fits(rows, k)) else {
+            return Ok(Weight::Dense(dense));
+        };
+        let values = dense.flatten_all()?.to_vec1::<half::bf16>()?;
+        drop(dense);
+        let tiles =
+            Bf16Tiles::pack(amx, &values, rows, k).expect("fits was checked; this is a bug");
+        Ok(Weight::Bf16Tiles(Arc::new(tiles)))
     }
 
     /// A matrix a GGUF file holds in a ggml format (`bytes` as in the file).
@@ -155,6 +173,7 @@ impl WeightPlan {
         let kind = match &w {
             Weight::Dense(t) => dtype_name(t.dtype()).to_string(),
             Weight::Q8(_) => "q8_0".to_string(),
+            Weight::Bf16Tiles(_) => "bf16".to_string(),
             Weight::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
         };
         self.add(&kind, w.bytes() as u64);
@@ -280,6 +299,38 @@ mod tests {
             v.sort();
             v
         });
+    }
+
+    #[test]
+    fn bf16_matrices_of_whole_tiles_are_packed_for_amx_where_the_cpu_has_it() {
+        let plan = WeightPlan::new(None, &Device::Cpu, DType::BF16);
+        let dev = Device::Cpu;
+        let whole = Tensor::randn(0f32, 1.0, (32, 64), &dev).expect("tensor");
+        let partial = Tensor::randn(0f32, 1.0, (40, 64), &dev).expect("tensor");
+        let values: Vec<f32> = whole
+            .to_dtype(DType::BF16)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        match plan.matrix("a", whole).expect("bf16") {
+            Weight::Bf16Tiles(t) => {
+                assert!(Amx::detect().is_some());
+                let mut row = vec![0f32; 64];
+                t.row_f32(31, &mut row);
+                assert_eq!(row, values[31 * 64..]);
+            }
+            Weight::Dense(t) => {
+                assert!(Amx::detect().is_none());
+                assert_eq!(t.dtype(), DType::BF16);
+            }
+            other => panic!("a bf16 matrix became {other:?}"),
+        }
+        assert!(matches!(
+            plan.matrix("b", partial).expect("dense"),
+            Weight::Dense(_)
+        ));
+        assert_eq!(plan.tally()["bf16"].bytes, (32 + 40) * 64 * 2);
     }
 
     #[test]

@@ -81,6 +81,23 @@ impl<'a> Columns<'a> {
         unsafe { self.base.add(row * self.n + self.first + col) }
     }
 
+    /// A pointer to `count` outputs in each of the `rows` activation rows from `row`, columns
+    /// `first + col..`; rows are [`Self::stride`] values apart. Panics unless they lie inside
+    /// this task's range.
+    #[inline(always)]
+    pub(crate) fn block(&self, row: usize, rows: usize, col: usize, count: usize) -> *mut f32 {
+        assert!(
+            rows > 0 && row + rows <= self.m && col + count <= self.len,
+            "Columns::block out of range"
+        );
+        self.at(row, col, count)
+    }
+
+    /// Values between the starts of two activation rows of the output.
+    pub(crate) fn stride(&self) -> usize {
+        self.n
+    }
+
     /// Sets one output.
     #[inline(always)]
     pub(crate) fn set(&self, row: usize, col: usize, value: f32) {
@@ -97,13 +114,13 @@ impl<'a> Columns<'a> {
 }
 
 /// Weight rows per task for `n` rows of `row_bytes` each against `m` activation rows: a
-/// multiple of 8 (the decode tile), large enough to be worth a task, small enough for
+/// multiple of 16 (the AMX weight tile, two of the decode tiles), large enough to be worth a task, small enough for
 /// [`TASKS_PER_THREAD`].
 fn rows_per_task(n: usize, row_bytes: usize, m: usize) -> usize {
     let for_work = TASK_WORK.div_ceil(row_bytes.max(1) * m.max(1));
     let tasks = TASKS_PER_THREAD * rayon::current_num_threads();
     let for_balance = n.div_ceil(tasks.max(1));
-    for_work.min(for_balance).max(1).next_multiple_of(8)
+    for_work.min(for_balance).max(1).next_multiple_of(16)
 }
 
 /// Runs `task` on every column range of a zeroed `(m, n)` output, in parallel, and returns it.
@@ -148,9 +165,9 @@ mod tests {
         let threads = rayon::current_num_threads();
         for (n, row_bytes, m) in [(50432, 816, 1), (768, 816, 1), (3072, 816, 512), (8, 1, 1)] {
             let per = rows_per_task(n, row_bytes, m);
-            assert_eq!(per % 8, 0);
+            assert_eq!(per % 16, 0);
             assert!(
-                n.div_ceil(per) >= (TASKS_PER_THREAD * threads).min(n / 8),
+                n.div_ceil(per) >= (TASKS_PER_THREAD * threads).min(n / 16),
                 "n={n}: {per} rows per task"
             );
         }
