@@ -190,8 +190,7 @@ impl CustomOp1 for TilesMatmul<'_> {
             candle_core::bail!("bf16 tiles: input has {k} values per row, not {}", w.k());
         }
         let out = if let CpuStorage::F32(_) = s {
-            let rounded = map_elements(contiguous::<f32>(s, l)?, |&v| half::bf16::from_f32(v));
-            CpuStorage::F32(w.matmul(&rounded, m))
+            CpuStorage::F32(w.matmul_f32(contiguous::<f32>(s, l)?, m))
         } else {
             let out = w.matmul(contiguous::<half::bf16>(s, l)?, m);
             CpuStorage::BF16(map_elements(&out, |&v| half::bf16::from_f32(v)))
