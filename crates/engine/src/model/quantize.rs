@@ -9,7 +9,7 @@
 //! losslessly for our kernel), so what we serve is what llama.cpp would serve from the same file.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -61,6 +61,8 @@ pub(crate) struct WeightPlan {
     dtype: DType,
     tally: RefCell<BTreeMap<String, KindTally>>,
     kept: RefCell<Vec<String>>,
+    /// bf16 matrices packed for AMX tiles, for the log.
+    packed_for_tiles: Cell<usize>,
 }
 
 impl WeightPlan {
@@ -72,6 +74,7 @@ impl WeightPlan {
             dtype,
             tally: RefCell::default(),
             kept: RefCell::default(),
+            packed_for_tiles: Cell::default(),
         }
     }
 
@@ -131,6 +134,7 @@ impl WeightPlan {
         drop(dense);
         let tiles =
             Bf16Tiles::pack(amx, &values, rows, k).expect("fits was checked; this is a bug");
+        self.packed_for_tiles.set(self.packed_for_tiles.get() + 1);
         Ok(Weight::Bf16Tiles(Arc::new(tiles)))
     }
 
@@ -207,6 +211,12 @@ impl WeightPlan {
             "weights by kind: {}",
             kinds.join("; ")
         );
+        if self.packed_for_tiles.get() > 0 {
+            tracing::info!(
+                "{} bf16 matrices packed for the CPU's AMX tiles",
+                self.packed_for_tiles.get()
+            );
+        }
         for kept in self.kept.borrow().iter() {
             tracing::warn!("not quantized, kept at {}: {kept}", dtype_name(self.dtype));
         }

@@ -449,7 +449,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -475,10 +475,35 @@ mod tests {
         }
     }
 
-    fn pseudo(n: usize, seed: usize) -> Vec<bf16> {
+    /// `n` bf16 values in [-1, 1], a different sequence per `seed`.
+    pub(crate) fn pseudo(n: usize, seed: usize) -> Vec<bf16> {
         (0..n)
             .map(|i| bf16::from_f32((((i + seed) * 7919 % 211) as f32 - 105.0) / 105.0))
             .collect()
+    }
+
+    /// Asserts that `got (m, n)` is `x (m, k) · w (n, k)ᵀ` summed in f64, to f32 precision.
+    pub(crate) fn assert_near_f64_product(
+        got: &[f32],
+        x: &[bf16],
+        w: &[bf16],
+        m: usize,
+        k: usize,
+        n: usize,
+        what: &str,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|l| x[i * k + l].to_f64() * w[j * k + l].to_f64())
+                    .sum();
+                let g = f64::from(got[i * n + j]);
+                assert!(
+                    (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{what} m={m} k={k} n={n} ({i},{j}): {g} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -496,18 +521,7 @@ mod tests {
             let w = pseudo(n * k, 2);
             for dot in Bf16Dot::all_supported() {
                 let got = bf16_matmul_nt(dot, &x, m, k, &w, n);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|l| x[i * k + l].to_f64() * w[j * k + l].to_f64())
-                            .sum();
-                        let g = got[i * n + j] as f64;
-                        assert!(
-                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{dot:?} m={m} k={k} n={n} ({i},{j}): {g} vs {want}"
-                        );
-                    }
-                }
+                assert_near_f64_product(&got, &x, &w, m, k, n, &format!("{dot:?}"));
             }
         }
     }

@@ -220,6 +220,21 @@ mod tiles {
         }
     }
 
+    /// Sum tiles tmm0-3 = 0.
+    ///
+    /// # Safety
+    /// A configuration is loaded (AMX usable).
+    #[inline(always)]
+    unsafe fn zero_sums() {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            zero::<0>();
+            zero::<1>();
+            zero::<2>();
+            zero::<3>();
+        }
+    }
+
     /// What every block of one task reads and writes.
     struct Block<'a> {
         w: &'a Bf16Tiles,
@@ -258,10 +273,7 @@ mod tiles {
             // SAFETY: every pointer comes from a checked slice index or `Columns::block`;
             // tiles read at most 16 × 64 contiguous bytes of an activation or weight tile.
             unsafe {
-                zero::<0>();
-                zero::<1>();
-                zero::<2>();
-                zero::<3>();
+                zero_sums();
                 for c in 0..chunks {
                     load::<6>(self.weights(g, c), ROW_BYTES);
                     if nb > 1 {
@@ -306,10 +318,7 @@ mod tiles {
             unsafe {
                 for g in groups.clone().step_by(4) {
                     let nb = (groups.end - g).min(4);
-                    zero::<0>();
-                    zero::<1>();
-                    zero::<2>();
-                    zero::<3>();
+                    zero_sums();
                     for c in 0..chunks {
                         load::<4>(self.act(row, c), x_stride);
                         load::<6>(self.weights(g, c), ROW_BYTES);
@@ -346,12 +355,7 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(n: usize, seed: usize) -> Vec<bf16> {
-        (0..n)
-            .map(|i| bf16::from_f32((((i + seed) * 7919 % 211) as f32 - 105.0) / 105.0))
-            .collect()
-    }
+    use crate::kernels::cpu::bf16::tests::{assert_near_f64_product, pseudo};
 
     #[test]
     fn packing_keeps_every_row() {
@@ -383,18 +387,7 @@ mod tests {
             let x = pseudo(m * k, 1);
             let w = pseudo(n * k, 2);
             let got = Bf16Tiles::pack(amx, &w, n, k).expect("fits").matmul(&x, m);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|l| x[i * k + l].to_f64() * w[j * k + l].to_f64())
-                        .sum();
-                    let g = f64::from(got[i * n + j]);
-                    assert!(
-                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "m={m} k={k} n={n} ({i},{j}): {g} vs {want}"
-                    );
-                }
-            }
+            assert_near_f64_product(&got, &x, &w, m, k, n, "amx");
         }
     }
 

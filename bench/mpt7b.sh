@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# MPT-7B's shape with q8_0 weights on this machine: peak memory, load time and decode speed.
+# MPT-7B's shape on this machine, q8_0 or bf16 weights: peak memory, load time, decode and
+# prefill speed.
 #
-#   bench/mpt7b-q8.sh            # needs target/release/mpt-server and mpt-bench (cargo build --release)
+#   bench/mpt7b.sh                  # q8_0; needs target/release/mpt-server and mpt-bench
+#   BENCH_WEIGHTS=bf16 bench/mpt7b.sh
 #
 # Builds an MPT-7B config.json (d_model 4096, 32 heads, 32 layers, vocab 50432) beside the demo's
-# tokenizer.json under $BENCH_WORK (default target/bench), serves it with `--load-format dummy
-# --quantization q8_0` (random weights, generated and quantized one tensor at a time) under
-# `/usr/bin/time -v`, sends a few greedy requests with mpt-bench (prompt 32 / output 32, one
-# stream; a 512-token context and a 0.5 GiB KV cache), stops the server and prints the peak RSS, the load time from the log and the decode
-# speed. Settings: BENCH_THREADS (2), BENCH_PORT (18300), BENCH_QUANT (q8_0).
+# tokenizer.json under $BENCH_WORK (default target/bench), serves it with `--load-format dummy`
+# (random weights, generated one tensor at a time) and `--quantization q8_0` (quantized as they
+# are generated) or `--dtype bf16`, under `/usr/bin/time -v`; sends a few greedy requests with
+# mpt-bench (decode: prompt 32 / output 32, one stream; prefill: prompt 448 / output 1; a
+# 512-token context and a 0.5 GiB KV cache), stops the server and prints the peak RSS, the load
+# time from the log and the speeds. Settings: BENCH_THREADS (2), BENCH_PORT (18300),
+# BENCH_WEIGHTS (q8_0, or any --quantization format, or bf16).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${BENCH_WORK:-$ROOT/target/bench}
 DIR=$WORK/mpt-7b-shape
 PORT=${BENCH_PORT:-18300}
 THREADS=${BENCH_THREADS:-2}
-QUANT=${BENCH_QUANT:-q8_0}
-LOG=$WORK/mpt7b-$QUANT.log
+WEIGHTS=${BENCH_WEIGHTS:-q8_0}
+LOG=$WORK/mpt7b-$WEIGHTS.log
+if [[ $WEIGHTS == bf16 ]]; then
+  WEIGHT_FLAGS=(--dtype bf16)
+else
+  WEIGHT_FLAGS=(--quantization "$WEIGHTS")
+fi
 mkdir -p "$DIR"
 cp "$ROOT/crates/engine/assets/demo/tokenizer.json" "$DIR/"
 python3 - "$ROOT/crates/engine/assets/demo/config.json" "$DIR/config.json" <<'PY'
@@ -28,7 +37,7 @@ json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 /usr/bin/time -v "$ROOT/target/release/mpt-server" --model "$DIR" --load-format dummy \
-  --quantization "$QUANT" --host 127.0.0.1 --port "$PORT" --threads "$THREADS" \
+  "${WEIGHT_FLAGS[@]}" --host 127.0.0.1 --port "$PORT" --threads "$THREADS" \
   --max-model-len 512 --kv-cache-memory 512MiB >"$LOG" 2>&1 &
 PID=$!
 for _ in $(seq 1 900); do
@@ -39,7 +48,11 @@ done
 "$ROOT/target/release/mpt-bench" run --url "http://127.0.0.1:$PORT/v1/completions" \
   --model mpt-7b-shape --scenario decode --prompt-tokens 32 --output-tokens 32 \
   --concurrency 1 --num-requests 3 --warmup 1 --seed 1 --no-progress \
-  --output "$WORK/mpt7b-$QUANT.json" | tee "$WORK/mpt7b-$QUANT.txt"
+  --output "$WORK/mpt7b-$WEIGHTS.json" | tee "$WORK/mpt7b-$WEIGHTS.txt"
+"$ROOT/target/release/mpt-bench" run --url "http://127.0.0.1:$PORT/v1/completions" \
+  --model mpt-7b-shape --scenario prefill --prompt-tokens 448 --output-tokens 1 \
+  --concurrency 1 --num-requests 3 --warmup 1 --seed 1 --no-progress --kv-sample-interval 0 \
+  --output "$WORK/mpt7b-$WEIGHTS-prefill.json" | tee "$WORK/mpt7b-$WEIGHTS-prefill.txt"
 # $PID is /usr/bin/time; stop the server (its child) so that time prints the peak RSS.
 SERVER_PID=$(pgrep -P $PID)
 kill -TERM "$SERVER_PID"
