@@ -6,7 +6,7 @@
 //! The tile instructions are written as inline assembly (Rust has no stable AMX intrinsics);
 //! the compiler never allocates tile registers, so their contents persist between `asm!` blocks
 //! of one thread. Each user loads a [`TileConfig`] before its first tile instruction and
-//! [`release`]s the tiles when done.
+//! [`ops::release`]s the tiles when done.
 //!
 //! Invariant: an [`Amx`] exists only once the CPU reported AMX-TILE and AMX-BF16, its tile
 //! palette has at least 8 tiles of 16 rows × 64 bytes, and the kernel granted this process the
