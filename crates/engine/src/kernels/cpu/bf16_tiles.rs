@@ -5,8 +5,8 @@
 //! its second operand: 16 lines of 64 bytes, line `p` holding, for each of the 16 columns, the
 //! pair of values `2p, 2p + 1`. Tiles follow each other along k, then along the columns, so
 //! one group of 16 columns is one sequential stream (1 KB per 32 values of k). The activations
-//! are read as they are (rows of bf16), 16 rows a tile, and each 16 × 16 block of sums is
-//! stored straight into the row-major output.
+//! are packed per call into tiles of 16 rows × 32 values, 1 KB each ([`ActTiles`]), and each
+//! 16 × 16 block of sums is stored straight into the row-major output.
 //!
 //! Every output element is summed by the same instructions in the same order whatever the
 //! number of activation rows, how they are grouped into tiles, and which task computes them:
