@@ -69,6 +69,16 @@ impl Weight {
         }
     }
 
+    /// The storage kind's name for logs and tallies (`f32`, `bf16`, `q8_0`, `q4k`, ...).
+    pub(crate) fn kind(&self) -> String {
+        match self {
+            Self::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Self::Q8(_) => "q8_0".into(),
+            Self::Bf16Tiles(_) => "bf16".into(),
+            Self::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
+        }
+    }
+
     /// Bytes the weight occupies.
     pub(crate) fn bytes(&self) -> usize {
         match self {
@@ -95,17 +105,11 @@ impl Weight {
                 .index_select(&Tensor::new(ids, device)?, 0)?
                 .to_dtype(dtype),
             Self::Q8(m) => {
-                let mut out = vec![0f32; ids.len() * k];
-                for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
-                    m.dequantize_row(id as usize, row);
-                }
+                let out = rows_f32(ids, k, |id, row| m.dequantize_row(id, row));
                 Tensor::from_vec(out, (ids.len(), k), device)?.to_dtype(dtype)
             }
             Self::Bf16Tiles(t) => {
-                let mut out = vec![0f32; ids.len() * k];
-                for (row, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
-                    t.row_f32(id as usize, row);
-                }
+                let out = rows_f32(ids, k, |id, row| t.row_f32(id, row));
                 Tensor::from_vec(out, (ids.len(), k), device)?.to_dtype(dtype)
             }
             Self::Ggml(q) => q
@@ -114,6 +118,15 @@ impl Weight {
                 .to_dtype(dtype),
         }
     }
+}
+
+/// Rows `ids` of a repacked matrix, each widened to f32 by `row(id, out)`, one after another.
+fn rows_f32(ids: &[u32], k: usize, row: impl Fn(usize, &mut [f32])) -> Vec<f32> {
+    let mut out = vec![0f32; ids.len() * k];
+    for (dst, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
+        row(id as usize, dst);
+    }
+    out
 }
 
 /// `y = x · Wᵀ + b` with `W` stored as `(out, in)`, as in PyTorch checkpoints.
@@ -281,7 +294,8 @@ impl CustomOp2 for SkinnyMatmul {
     }
 }
 
-fn contiguous<'a, T: candle_core::WithDType>(
+/// A CPU tensor's values, which must be contiguous.
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {

@@ -22,6 +22,28 @@ fn time(f: &dyn Fn() -> candle_core::Result<Tensor>) -> candle_core::Result<f64>
     Ok(start.elapsed().as_secs_f64() / reps as f64)
 }
 
+/// Seconds per call of `f(i)` over `copies` distinct matrices `i` (so none sits in cache).
+fn time_per_copy(
+    copies: usize,
+    f: &dyn Fn(usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
+    time(&|| {
+        let mut last = None;
+        for i in 0..copies {
+            last = Some(f(i)?);
+        }
+        Ok(last.expect("at least one copy"))
+    })
+    .map(|t| t / copies as f64)
+}
+
+/// The activation row counts to time: `SPEED_ROWS=1,16,...`, else a spread from 1 to 512.
+fn speed_rows() -> Vec<usize> {
+    std::env::var("SPEED_ROWS").map_or(vec![1, 4, 16, 32, 128, 512], |v| {
+        v.split(',').filter_map(|x| x.parse().ok()).collect()
+    })
+}
+
 #[test]
 #[ignore]
 fn quantized_linear_speed_report() -> candle_core::Result<()> {
@@ -60,21 +82,10 @@ fn quantized_linear_speed_report() -> candle_core::Result<()> {
         let q8_bytes = (n * k / 32 * 34) as f64;
         let q4k_bytes = (n * k / 256 * 144) as f64;
         let bf16_bytes = (n * k * 2) as f64;
-        for m in std::env::var("SPEED_ROWS").map_or(vec![1, 4, 16, 32, 128, 512], |v| {
-            v.split(',').filter_map(|x| x.parse().ok()).collect()
-        }) {
+        for m in speed_rows() {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let xb = x.to_dtype(DType::BF16)?;
-            let each = |f: &dyn Fn(usize) -> candle_core::Result<Tensor>| {
-                time(&|| {
-                    let mut last = None;
-                    for i in 0..copies {
-                        last = Some(f(i)?);
-                    }
-                    Ok(last.expect("at least one copy"))
-                })
-                .map(|t| t / copies as f64)
-            };
+            let each = |f: &dyn Fn(usize) -> candle_core::Result<Tensor>| time_per_copy(copies, f);
             let t_ours = each(&|i| ours[i].forward(&x, RowRouting::default()))?;
             let t_cq8 = each(&|i| candle_q8[i].forward(&x))?;
             let t_cq4k = each(&|i| candle_q4k[i].forward(&x))?;
@@ -164,19 +175,10 @@ fn bf16_linear_speed_report() -> candle_core::Result<()> {
             dense.push(Linear::with_weight(Weight::Dense(w), None));
         }
         let bytes = (n * k * 2) as f64;
-        for m in std::env::var("SPEED_ROWS").map_or(vec![1, 4, 16, 32, 128, 512], |v| {
-            v.split(',').filter_map(|x| x.parse().ok()).collect()
-        }) {
+        for m in speed_rows() {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let each = |layers: &[Linear]| {
-                time(&|| {
-                    let mut last = None;
-                    for l in layers {
-                        last = Some(l.forward(&x, RowRouting::default())?);
-                    }
-                    Ok(last.expect("at least one copy"))
-                })
-                .map(|t| t / copies as f64)
+                time_per_copy(copies, &|i| layers[i].forward(&x, RowRouting::default()))
             };
             let (t_dense, t_tiles) = (each(&dense)?, each(&tiles)?);
             let gflop = 2.0 * (m * n * k) as f64 / 1e9;

@@ -404,13 +404,7 @@ impl Mpt {
     pub fn weight_bytes(&self) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
         let mut add = |w: &Weight| {
-            let kind = match w {
-                Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
-                Weight::Q8(_) => "q8_0".into(),
-                Weight::Bf16Tiles(_) => "bf16".into(),
-                Weight::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
-            };
-            *out.entry(kind).or_insert(0) += w.bytes() as u64;
+            *out.entry(w.kind()).or_insert(0) += w.bytes() as u64;
         };
         add(self.wte.weight());
         if !self.tied {

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::linear::Weight;
+use super::linear::{Weight, contiguous};
 use crate::api::config::Quantization;
 use crate::api::error::{EngineError, Result};
 use crate::kernels::cpu::amx::Amx;
@@ -125,15 +125,20 @@ impl WeightPlan {
     /// A bf16 matrix on the CPU packed for AMX tiles where the CPU has them and its shape is
     /// whole tiles; any other tensor as it is.
     fn tiled(&self, dense: Tensor) -> Result<Weight> {
-        let amx = Amx::detect().filter(|_| dense.dtype() == DType::BF16 && dense.device().is_cpu());
         let (rows, k) = dense.dims2()?;
-        let Some(amx) = amx.filter(|_| Bf16Tiles::fits(rows, k)) else {
+        let packable =
+            dense.dtype() == DType::BF16 && dense.device().is_cpu() && Bf16Tiles::fits(rows, k);
+        let Some(amx) = Amx::detect().filter(|_| packable) else {
             return Ok(Weight::Dense(dense));
         };
-        let values = dense.flatten_all()?.to_vec1::<half::bf16>()?;
-        drop(dense);
-        let tiles =
-            Bf16Tiles::pack(amx, &values, rows, k).expect("fits was checked; this is a bug");
+        // Packed straight from the tensor's storage: no second copy of the matrix.
+        let dense = dense.contiguous()?;
+        let (storage, layout) = dense.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            unreachable!("a CPU tensor has CPU storage; this is a bug");
+        };
+        let values = contiguous::<half::bf16>(cpu, layout)?;
+        let tiles = Bf16Tiles::pack(amx, values, rows, k).expect("fits was checked; this is a bug");
         self.packed_for_tiles.set(self.packed_for_tiles.get() + 1);
         Ok(Weight::Bf16Tiles(Arc::new(tiles)))
     }
@@ -174,13 +179,7 @@ impl WeightPlan {
     }
 
     fn count(&self, w: Weight) -> Weight {
-        let kind = match &w {
-            Weight::Dense(t) => dtype_name(t.dtype()).to_string(),
-            Weight::Q8(_) => "q8_0".to_string(),
-            Weight::Bf16Tiles(_) => "bf16".to_string(),
-            Weight::Ggml(q) => format!("{:?}", q.dtype()).to_lowercase(),
-        };
-        self.add(&kind, w.bytes() as u64);
+        self.add(&w.kind(), w.bytes() as u64);
         w
     }
 

@@ -464,14 +464,20 @@ pub(crate) mod tests {
                 .collect();
             for m in 2..=9 {
                 let got = bf16_matmul_nt(dot, &x[..m * k], m, k, &w, n);
-                for (i, row) in got.chunks(n).enumerate() {
-                    let same = row
-                        .iter()
-                        .zip(&alone[i])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{dot:?} m={m}: row {i} differs from the row alone");
-                }
+                assert_rows_are_the_rows_alone(&got, &alone, &format!("{dot:?} m={m}"));
             }
+        }
+    }
+
+    /// Asserts that each row of `got` (rows as long as `alone`'s) has the bits of `alone[i]`.
+    pub(crate) fn assert_rows_are_the_rows_alone(got: &[f32], alone: &[Vec<f32>], what: &str) {
+        let n = alone.first().map_or(1, Vec::len).max(1);
+        for (i, row) in got.chunks(n).enumerate() {
+            let same = row
+                .iter()
+                .zip(&alone[i])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: row {i} differs from the row alone");
         }
     }
 

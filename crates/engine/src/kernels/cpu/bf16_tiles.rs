@@ -355,7 +355,9 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu::bf16::tests::{assert_near_f64_product, pseudo};
+    use crate::kernels::cpu::bf16::tests::{
+        assert_near_f64_product, assert_rows_are_the_rows_alone, pseudo,
+    };
 
     #[test]
     fn packing_keeps_every_row() {
@@ -400,13 +402,7 @@ mod tests {
         let alone: Vec<Vec<f32>> = (0..40).map(|i| tiles.matmul(&x[i * k..][..k], 1)).collect();
         for m in [2, 15, 16, 17, 31, 32, 33, 40] {
             let got = tiles.matmul(&x[..m * k], m);
-            for (i, row) in got.chunks(n).enumerate() {
-                let same = row
-                    .iter()
-                    .zip(&alone[i])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "m={m}: row {i} differs from the row alone");
-            }
+            assert_rows_are_the_rows_alone(&got, &alone, &format!("m={m}"));
         }
     }
 }

@@ -114,8 +114,8 @@ impl<'a> Columns<'a> {
 }
 
 /// Weight rows per task for `n` rows of `row_bytes` each against `m` activation rows: a
-/// multiple of 16 (the AMX weight tile, two of the decode tiles), large enough to be worth a task, small enough for
-/// [`TASKS_PER_THREAD`].
+/// multiple of 16 (the AMX weight tile, two of the decode tiles), large enough to be worth a
+/// task, small enough for [`TASKS_PER_THREAD`].
 fn rows_per_task(n: usize, row_bytes: usize, m: usize) -> usize {
     let for_work = TASK_WORK.div_ceil(row_bytes.max(1) * m.max(1));
     let tasks = TASKS_PER_THREAD * rayon::current_num_threads();
